@@ -1,0 +1,151 @@
+"""``hgkd-extract``: stage one of H-GKD (teacher tokens -> Zarr cache), plus verify/info."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from functools import wraps
+
+import click
+
+from ..errors import HgkdError
+from ..storage.cache import FeatureCache
+from ..storage.codecs import COMPRESSORS, TOKEN_CODECS, CodecSpec
+from ..storage.verify import verify_cache
+from .views import ViewConfig
+
+
+def user_errors(fn):
+    """Turn HgkdError into one line on stderr and exit code 2 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HgkdError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """Run a frozen MIM teacher once over masked views and cache its tokens (H-GKD stage one)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--data", multiple=True, required=True, help="Tar shards (brace patterns, URLs) or an image folder.")
+@click.option("--teacher", required=True, help="Registered teacher name, e.g. cae_large_patch16.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Official release checkpoint (local file).")
+@click.option("--out", required=True, help="Cache path or fsspec URL (Zarr v3 group).")
+@click.option("--views-per-image", default=1, show_default=True)
+@click.option("--mask-ratio", default=0.6, show_default=True)
+@click.option("--mask-granularity", type=click.Choice(["16", "32"]), default="16", show_default=True)
+@click.option("--teacher-view", type=click.Choice(["masked", "full"]), default="masked", show_default=True)
+@click.option("--img-size", default=224, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of views and masks.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--codec", type=click.Choice(TOKEN_CODECS), default="int8ct", show_default=True)
+@click.option("--compressor", type=click.Choice(COMPRESSORS), default="lz4", show_default=True)
+@click.option("--clevel", default=5, show_default=True)
+@click.option("--shard-views", default=256, show_default=True, help="Views per cache shard (one file per array).")
+@click.option("--workers", default=2, show_default=True, help="Image decoding threads.")
+@click.option("--rank", default=0, show_default=True, help="This process's shard set (shard % world-size).")
+@click.option("--world-size", default=1, show_default=True)
+@click.option("--init-seed", default=0, show_default=True, help="Weights seed when no --checkpoint is given.")
+@click.option("--no-progress", is_flag=True)
+@user_errors
+def run(**opts) -> None:
+    """Extract teacher tokens into a cache; re-run the same command to resume."""
+    from .run import ExtractConfig, run_extract  # torch/timm import only when needed
+
+    view = ViewConfig(
+        img_size=opts["img_size"], mask_ratio=opts["mask_ratio"], mask_granularity=int(opts["mask_granularity"]),
+        teacher_view=opts["teacher_view"], seed=opts["seed"], views_per_image=opts["views_per_image"],
+    )
+    cfg = ExtractConfig(
+        data=list(opts["data"]), out=opts["out"], teacher=opts["teacher"], checkpoint=opts["checkpoint"], view=view,
+        codec=CodecSpec(opts["codec"], opts["compressor"], opts["clevel"]), shard_views=opts["shard_views"],
+        batch_size=opts["batch_size"], device=opts["device"], precision=opts["precision"], workers=opts["workers"],
+        rank=opts["rank"], world_size=opts["world_size"], init_seed=opts["init_seed"], progress=not opts["no_progress"],
+    )
+    report = run_extract(cfg)
+    state = "complete" if report.complete else "incomplete (other shards pending)"
+    click.echo(f"{cfg.out}: wrote {report.views_written} views in {len(report.shards_written)} shards "
+               f"({report.views_written / max(report.seconds, 1e-9):.1f} views/s); cache {state}")
+
+
+@main.command()
+@click.argument("cache")
+@user_errors
+def verify(cache: str) -> None:
+    """Read every chunk; exit 1 on any hole, duplicate, corrupt or missing shard."""
+    report = verify_cache(cache)
+    for line in report.problems:
+        click.echo(f"problem: {line}", err=True)
+    click.echo(f"{cache}: {report.shards_checked} shards checked, {report.views_ok} views ok, "
+               f"{report.views_skipped} skipped, {len(report.problems)} problems")
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the full metadata as JSON.")
+@user_errors
+def info(cache: str, as_json: bool) -> None:
+    """Print the cache's metadata and stored bytes per view."""
+    fc = FeatureCache.open(cache)
+    done = fc.completed_shards()
+    views_done = sum(len(fc.shard_rows(s)) for s in done)
+    meta = fc.meta.to_json()
+    if as_json:
+        click.echo(json.dumps(meta, indent=2))
+        return
+    st, t, v = fc.meta.storage, fc.meta.teacher, fc.meta.view
+    click.echo(f"cache      {cache} ({fc.meta.status}; {len(done)}/{fc.num_shards} shards)")
+    click.echo(f"teacher    {t['name']} sha256={t['checkpoint_sha256'] or 'random-init'} dim={t['embed_dim']} grid={t['grid']}")
+    click.echo(f"views      {st['num_views']} ({fc.meta.dataset['num_samples']} samples x {v['views_per_image']}), "
+               f"mask {v['mask_ratio']} @ {v['mask_granularity']}px, teacher_view={v['teacher_view']}, seed={v['seed']}")
+    click.echo(f"data       {fc.meta.dataset['kind']} {' '.join(fc.meta.dataset['spec'])} fingerprint={fc.meta.dataset['fingerprint'][:16]}")
+    click.echo(f"storage    codec={st['codec']} compressor={st['compressor']}({st['clevel']}) shard_views={st['shard_views']}")
+    if views_done:
+        click.echo(f"size       {fc.nbytes_stored() / views_done / 1024:.1f} KiB per view stored")
+    click.echo(f"skipped    {len(fc.meta.skipped)} undecodable samples")
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, help="Folder for the demo data and cache.")
+@click.option("--teacher", default="cae_tiny_patch16", show_default=True)
+@user_errors
+def demo(out: str, teacher: str) -> None:
+    """Main job on the embedded default: pack scikit-image's photos, extract, verify, info.
+
+    No weights can be downloaded here, so the teacher is a randomly initialised tiny
+    model of the registered family (pass real checkpoints to `run` for real work).
+    """
+    from pathlib import Path
+
+    from .demo_data import write_demo_shards
+
+    pattern = write_demo_shards(Path(out) / "data")
+    cache = str(Path(out) / "cache.zarr")
+    click.echo(f"demo data: {pattern}")
+    ctx = click.get_current_context()
+    ctx.invoke(run, data=(pattern,), teacher=teacher, checkpoint=None, out=cache, views_per_image=4, mask_ratio=0.6,
+               mask_granularity="32", teacher_view="masked", img_size=224, seed=0, batch_size=16, device="auto",
+               precision="auto", codec="int8ct", compressor="lz4", clevel=5, shard_views=32, workers=2, rank=0,
+               world_size=1, init_seed=0, no_progress=False)
+    report = verify_cache(cache)
+    click.echo(f"verify: {report.shards_checked} shards, {report.views_ok} views ok, {len(report.problems)} problems")
+    ctx.invoke(info, cache=cache, as_json=False)
+    if not report.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Source images in a fixed order: webdataset tar shards or an ImageFolder-style directory.
+
+A source yields raw, undecoded samples ``(index, key, bytes, label)`` so that resuming or
+skipping another writer's shard costs no decoding. Tar shards are read with webdataset's
+own tar iterator (its grouping of members into samples), folders in sorted path order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import webdataset as wds
+from webdataset.tariterators import tarfile_samples
+
+from ..errors import HgkdError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+LABEL_EXTS = ("cls", "cls.txt", "label", "target")
+
+
+@dataclass
+class Sample:
+    index: int
+    key: str
+    data: bytes | None  # None when the sample has no image member
+    label: int = -1
+
+
+@dataclass
+class DataSource:
+    """An ordered, countable set of samples with a fingerprint of what it was made from."""
+
+    kind: str  # "webdataset" or "folder"
+    spec: list[str]
+    entries: list[tuple[str, int]] = field(default_factory=list)  # (path or url, size in bytes)
+    num_samples: int = 0
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.entries).encode()).hexdigest()
+
+    def describe(self) -> dict:
+        listed = self.entries if self.kind == "webdataset" else []  # folders: too many to list
+        return {"kind": self.kind, "spec": self.spec, "fingerprint": self.fingerprint(),
+                "num_samples": self.num_samples, "shards": [list(e) for e in listed]}
+
+    def __iter__(self) -> Iterator[Sample]:
+        if self.kind == "folder":
+            yield from _iter_folder(self)
+        else:
+            yield from _iter_tars(self)
+
+
+def open_source(spec: list[str] | str) -> DataSource:
+    """Resolve ``--data`` (tar patterns with braces, URLs, or one image folder) and count it."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs or not all(s.strip() for s in specs):
+        raise HgkdError("--data is empty; give tar shards ('train-{000..009}.tar') or an image folder")
+    if len(specs) == 1 and Path(specs[0]).is_dir():
+        return _open_folder(specs[0])
+    urls = [u for s in specs for u in wds.shardlists.expand_urls(s)]
+    entries = []
+    for url in urls:
+        if "://" in url:
+            entries.append((url, -1))
+            continue
+        if not Path(url).is_file():
+            raise HgkdError(f"--data: {url} does not exist (from {' '.join(specs)})")
+        entries.append((url, os.path.getsize(url)))
+    source = DataSource("webdataset", specs, entries)
+    source.num_samples = sum(1 for _ in _iter_tars(source, count_only=True))
+    if source.num_samples == 0:
+        raise HgkdError(f"--data {' '.join(specs)}: no samples found in {len(urls)} tar file(s)")
+    return source
+
+
+def _open_folder(root: str) -> DataSource:
+    files = sorted(
+        p for p in Path(root).rglob("*")
+        if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
+    )
+    if not files:
+        raise HgkdError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) found in this folder")
+    entries = [(str(p.relative_to(root)), p.stat().st_size) for p in files]
+    return DataSource("folder", [str(root)], entries, len(entries))
+
+
+def _iter_folder(source: DataSource) -> Iterator[Sample]:
+    root = Path(source.spec[0])
+    classes = sorted({Path(rel).parts[0] for rel, _ in source.entries if len(Path(rel).parts) > 1})
+    class_ids = {name: i for i, name in enumerate(classes)}
+    for index, (rel, _) in enumerate(source.entries):
+        parts = Path(rel).parts
+        label = class_ids[parts[0]] if len(parts) > 1 else -1
+        yield Sample(index, str(Path(rel).with_suffix("")), (root / rel).read_bytes(), label)
+
+
+def _iter_tars(source: DataSource, count_only: bool = False) -> Iterator[Sample]:
+    shards = ({"url": url} for url, _ in source.entries)
+    for index, sample in enumerate(tarfile_samples(shards, handler=_reraise_as_user_error)):
+        if count_only:
+            yield Sample(index, sample["__key__"], None)
+            continue
+        image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+        yield Sample(index, sample["__key__"], image, _label_of(sample))
+
+
+def _label_of(sample: dict) -> int:
+    for ext in LABEL_EXTS:
+        if ext in sample:
+            try:
+                return int(sample[ext].decode().strip())
+            except ValueError:
+                return -1
+    return -1
+
+
+def _reraise_as_user_error(exn: Exception) -> bool:
+    raise HgkdError(f"--data: cannot read tar shard ({type(exn).__name__}: {exn}); is it a complete tar file?")

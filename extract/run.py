@@ -1,0 +1,299 @@
+"""Stage one: run a frozen MIM teacher once over masked views and fill the cache.
+
+Shards are processed in order; a process works on a shard only if it is not yet complete,
+belongs to its ``rank`` and its lock can be taken, so re-running the same command resumes,
+and several processes on one cache split the shards between them. Batches start at shard
+boundaries, so a resumed run computes exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import HgkdError
+from ..storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache
+from ..storage.codecs import CodecSpec, encode_tokens
+from ..storage.locks import ShardLock, creation_lock
+from ..storage.metadata import CacheMeta
+from ..version import __version__
+from .data import DataSource, Sample, open_source
+from .teachers.base import Teacher, create_teacher, sha256_file
+from .views import ViewConfig, ViewParams, decode_image, render_view, sample_view
+from .writer import BackgroundWriter, ShardBuffer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``hgkd-extract run``."""
+
+    data: list[str]
+    out: str
+    teacher: str
+    checkpoint: str | None = None
+    view: ViewConfig = field(default_factory=ViewConfig)
+    codec: CodecSpec = field(default_factory=CodecSpec)
+    shard_views: int = 256
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 on CPU)
+    workers: int = 2  # threads decoding images and rendering views
+    rank: int = 0
+    world_size: int = 1
+    init_seed: int = 0  # weights of a teacher without --checkpoint (demo/tests only)
+    progress: bool = True
+
+
+@dataclass
+class ExtractReport:
+    cache: FeatureCache
+    shards_written: list[int]
+    views_written: int
+    seconds: float
+    complete: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HgkdError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_teacher(cfg: ExtractConfig, device: torch.device) -> Teacher:
+    torch.manual_seed(cfg.init_seed)  # only matters without a checkpoint
+    teacher = create_teacher(cfg.teacher, checkpoint=cfg.checkpoint, img_size=cfg.view.img_size)
+    if teacher.patch_size != cfg.view.patch_size:
+        raise HgkdError(f"--teacher {cfg.teacher} has patch size {teacher.patch_size}, views use {cfg.view.patch_size}")
+    return teacher.to(device).eval()
+
+
+def build_meta(cfg: ExtractConfig, teacher: Teacher, source: DataSource) -> CacheMeta:
+    """Everything that decides the cache's content (compared on resume)."""
+    ckpt = cfg.checkpoint
+    num_tokens = teacher.grid_size[0] * teacher.grid_size[1]
+    return CacheMeta(
+        teacher={
+            "name": cfg.teacher, "family": teacher.family,
+            "checkpoint_sha256": sha256_file(ckpt) if ckpt else None,
+            "init_seed": None if ckpt else cfg.init_seed,
+            "embed_dim": teacher.embed_dim, "patch_size": teacher.patch_size,
+            "grid": list(teacher.grid_size), "img_size": cfg.view.img_size,
+            "outputs_masked_tokens": teacher.outputs_masked_tokens,
+            "mean": list(teacher.mean), "std": list(teacher.std),
+        },
+        view=cfg.view.to_json(),
+        dataset=source.describe(),
+        storage={
+            "codec": cfg.codec.codec, "compressor": cfg.codec.compressor, "clevel": cfg.codec.clevel,
+            "shard_views": cfg.shard_views, "num_views": source.num_samples * cfg.view.views_per_image,
+            "num_tokens": num_tokens, "dim": teacher.embed_dim,
+        },
+        software={"hgkd": __version__, "torch": torch.__version__},
+    )
+
+
+def open_or_create(cfg: ExtractConfig, meta: CacheMeta) -> FeatureCache:
+    """Create the cache, or reopen it for resuming when its settings match exactly."""
+    if "://" not in cfg.out:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+        except OSError as err:
+            raise HgkdError(f"--out {cfg.out}: cannot create the cache directory ({err.strerror})") from None
+        if not os.access(cfg.out, os.W_OK):
+            raise HgkdError(f"--out {cfg.out}: directory is not writable")
+    with creation_lock(cfg.out) if "://" not in cfg.out else _nullcontext():
+        if not FeatureCache.exists(cfg.out):
+            return FeatureCache.create(cfg.out, meta)
+        cache = FeatureCache.open(cfg.out, mode="r+")
+    diff = meta.differences(cache.meta)
+    if diff:
+        raise HgkdError(
+            f"--out {cfg.out} holds a cache made with other settings ({'; '.join(diff[:3])}); "
+            "use a new --out or the original settings"
+        )
+    return cache
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+@dataclass
+class Prepared:
+    """One decoded sample with its K rendered views, or the reason it was skipped."""
+
+    sample: Sample
+    params: list[ViewParams] = field(default_factory=list)
+    views_kchw: torch.Tensor | None = None
+    src_hw: tuple[int, int] = (0, 0)
+    error: str | None = None
+
+
+def prepare_sample(sample: Sample, view_cfg: ViewConfig) -> Prepared:
+    """Decode one sample and render its K views (runs on a worker thread)."""
+    if sample.data is None:
+        return Prepared(sample, error="sample has no image member")
+    try:
+        image = decode_image(sample.data)
+    except Exception as err:  # undecodable/truncated image: skipped and counted
+        return Prepared(sample, error=f"{type(err).__name__}: {err}")
+    hw = (int(image.shape[1]), int(image.shape[2]))
+    params = [sample_view(view_cfg, sample.key, k, hw) for k in range(view_cfg.views_per_image)]
+    views = torch.stack([render_view(image, p, view_cfg) for p in params])
+    return Prepared(sample, params, views, hw)
+
+
+class Extractor:
+    """Teacher forward + encoding of one batch of prepared samples into cache rows."""
+
+    def __init__(self, cfg: ExtractConfig, teacher: Teacher, device: torch.device) -> None:
+        self.cfg, self.teacher, self.device = cfg, teacher, device
+        self.amp = autocast_dtype(cfg.precision, device)
+        self.mean = torch.tensor(teacher.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(teacher.std, device=device).view(1, 3, 1, 1) * 255
+
+    @torch.no_grad()
+    def teacher_outputs(self, views_vchw: torch.Tensor, mask_vn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (V, N, C) float32, valid (V, N), pooled (V, C) L2-normalised."""
+        x = (views_vchw.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        mask = None if self.cfg.view.teacher_view == "full" else mask_vn.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            tokens, valid = self.teacher.forward_masked(x, mask)
+        tokens = tokens.float()
+        weights = valid.unsqueeze(-1).float()
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return tokens, valid, torch.nn.functional.normalize(pooled, dim=-1)
+
+    def rows_for(self, prepared: list[Prepared], buffer: ShardBuffer) -> None:
+        """Run the teacher on a batch and put every view's row into the shard buffer."""
+        k_views = self.cfg.view.views_per_image
+        for p in prepared:
+            if p.error is not None:
+                fields = {**self._base_fields(p.sample, k_views), "status": np.full(k_views, STATUS_SKIPPED, np.uint8)}
+                buffer.put(p.sample.index * k_views, fields)
+                buffer.skipped.append({"key": p.sample.key, "index": p.sample.index, "error": p.error[:300]})
+        ok = [p for p in prepared if p.error is None]
+        if not ok:
+            return
+        mask_vn = torch.from_numpy(np.stack([v.mask_hw.reshape(-1) for p in ok for v in p.params]))
+        tokens, valid, pooled = self.teacher_outputs(torch.cat([p.views_kchw for p in ok]), mask_vn)
+        encoded = encode_tokens(tokens, self.cfg.codec)
+        encoded.update(pooled=pooled.half().cpu().numpy(), valid=valid.cpu().numpy(), mask=mask_vn.numpy())
+        for i, p in enumerate(ok):
+            fields = {name: arr[i * k_views : (i + 1) * k_views] for name, arr in encoded.items()}
+            fields.update(
+                self._base_fields(p.sample, k_views),
+                crop=np.array([v.crop_tlhw for v in p.params], np.int32),
+                flip=np.array([v.flip for v in p.params]),
+                src_hw=np.array([p.src_hw] * k_views, np.int32),
+                status=np.full(k_views, STATUS_OK, np.uint8),
+            )
+            buffer.put(p.sample.index * k_views, fields)
+
+    @staticmethod
+    def _base_fields(sample: Sample, k_views: int) -> dict[str, np.ndarray]:
+        return {
+            "key": np.array([sample.key] * k_views, dtype=object),
+            "index": np.full(k_views, sample.index, np.int64),
+            "view_index": np.arange(k_views, dtype=np.int32),
+            "label": np.full(k_views, sample.label, np.int32),
+        }
+
+
+def _batched(items: Iterator, n: int) -> Iterator[list]:
+    while batch := list(islice(items, n)):
+        yield batch
+
+
+def run_extract(cfg: ExtractConfig) -> ExtractReport:
+    """Fill (or resume filling) the cache at ``cfg.out``; returns what this process did."""
+    if cfg.shard_views % cfg.view.views_per_image:
+        raise HgkdError(f"--shard-views {cfg.shard_views} must be a multiple of --views-per-image {cfg.view.views_per_image}")
+    if not 0 <= cfg.rank < cfg.world_size:
+        raise HgkdError(f"--rank {cfg.rank} must be in [0, --world-size {cfg.world_size})")
+    device = resolve_device(cfg.device)
+    source = open_source(cfg.data)
+    teacher = load_teacher(cfg, device)
+    cache = open_or_create(cfg, build_meta(cfg, teacher, source))
+    extractor = Extractor(cfg, teacher, device)
+    writer = BackgroundWriter(cache)
+    samples_per_shard = cfg.shard_views // cfg.view.views_per_image
+    batch_samples = max(1, cfg.batch_size // cfg.view.views_per_image)
+    done = cache.completed_shards()
+    bar = tqdm(total=cache.num_views, initial=sum(len(cache.shard_rows(s)) for s in done), unit="view",
+               desc="extract", disable=not cfg.progress, smoothing=0.1)
+    written: list[int] = []
+    start = time.perf_counter()
+    samples = iter(source)
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        for shard in range(cache.num_shards):
+            shard_samples = islice(samples, samples_per_shard)
+            lock = _claim(cache, shard, cfg)
+            if lock is False:
+                for _ in shard_samples:  # consume without decoding
+                    pass
+                continue
+            buffer = ShardBuffer(cache, shard)
+            for batch in _batched(shard_samples, batch_samples):
+                prepared = list(pool.map(lambda s: prepare_sample(s, cfg.view), batch))
+                extractor.rows_for(prepared, buffer)
+                bar.update(len(batch) * cfg.view.views_per_image)
+            record = _record(buffer, cache)
+            writer.submit(buffer, record, lock or None)
+            written.append(shard)
+    writer.close()
+    bar.close()
+    complete = cache.finalize()
+    seconds = time.perf_counter() - start
+    views = sum(len(cache.shard_rows(s)) for s in written)
+    log.info("wrote %d shards (%d views) in %.1fs; cache complete: %s", len(written), views, seconds, complete)
+    return ExtractReport(cache, written, views, seconds, complete)
+
+
+def _claim(cache: FeatureCache, shard: int, cfg: ExtractConfig) -> ShardLock | None | bool:
+    """The shard's lock if this process should write it, None if no lock is needed, else False."""
+    if shard % cfg.world_size != cfg.rank or shard in cache.completed_shards():
+        return False
+    if cache.local_dir is None:
+        return None  # remote store: disjoint --rank/--world-size shard sets keep writers apart
+    lock = ShardLock(cache.local_dir, shard)
+    if not lock.try_acquire():
+        log.info("shard %d is being written by another process; skipping it", shard)
+        return False
+    if cache.shard_record(shard) is not None:  # finished while we were looking
+        lock.release()
+        return False
+    return lock
+
+
+def _record(buffer: ShardBuffer, cache: FeatureCache) -> dict[str, Any]:
+    n_skipped = int((buffer.arrays["status"] == STATUS_SKIPPED).sum())
+    return {
+        "shard": buffer.shard, "rows": [buffer.rows.start, buffer.rows.stop],
+        "num_ok": len(buffer.rows) - n_skipped, "num_skipped": n_skipped, "skipped": buffer.skipped,
+        "settings": cache.meta.fingerprint(), "writer": f"{socket.gethostname()}:{os.getpid()}",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
