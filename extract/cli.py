@@ -55,8 +55,10 @@ def main(verbose: bool) -> None:
 @click.option("--clevel", default=5, show_default=True)
 @click.option("--shard-views", default=256, show_default=True, help="Views per cache shard (one file per array).")
 @click.option("--workers", default=2, show_default=True, help="Image decoding threads.")
-@click.option("--rank", default=0, show_default=True, help="This process's shard set (shard % world-size).")
-@click.option("--world-size", default=1, show_default=True)
+@click.option("--rank", type=int, envvar="RANK", default=0, show_default=True,
+              help="This process's shard set (shard % world-size); torchrun's RANK is used when set.")
+@click.option("--world-size", type=int, envvar="WORLD_SIZE", default=1, show_default=True,
+              help="Number of shard sets; torchrun's WORLD_SIZE is used when set.")
 @click.option("--init-seed", default=0, show_default=True, help="Weights seed when no --checkpoint is given.")
 @click.option("--no-progress", is_flag=True)
 @user_errors
