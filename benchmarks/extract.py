@@ -1,0 +1,140 @@
+"""P1/P3: extraction with cache writes vs bare teacher forward; bytes and fidelity per codec.
+
+Run: ``.venv/bin/python benchmarks/extract.py [--teacher cae_large_patch16] [--views 32] [--quick]``.
+Both arms see the same views and batches, measured side by side in one run (interleaved
+repeats, median), so the ratio is meaningful on a shared machine. Writes
+``benchmarks/results/extract.json`` with machine info and a ``goals`` object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from hgkd.extract.data import open_source
+from hgkd.extract.demo_data import write_demo_shards
+from hgkd.extract.run import ExtractConfig, Extractor, load_teacher, prepare_sample, resolve_device, run_extract
+from hgkd.extract.views import ViewConfig
+from hgkd.storage.codecs import TOKEN_CODECS, CodecSpec, decode_tokens, encode_tokens
+
+IMAGENET_TRAIN = 1_281_167
+
+
+def bare_forward(extractor: Extractor, batches: list) -> float:
+    """Teacher forward only, on views prepared beforehand: views/s."""
+    start = time.perf_counter()
+    n = 0
+    for views, masks in batches:
+        extractor.teacher_outputs(views, masks)
+        n += len(views)
+    return n / (time.perf_counter() - start)
+
+
+def cached_run(cfg: ExtractConfig, out: Path) -> float:
+    """Full stage one (decode, views, teacher, encode, background Zarr writes): views/s."""
+    cfg.out = str(out)
+    report = run_extract(cfg)
+    return report.views_written / report.seconds
+
+
+def codec_table(tokens_bnc: torch.Tensor, workdir: Path) -> dict:
+    """Stored bytes per view and token cosine for every codec, on real teacher tokens."""
+    rows = {}
+    variants = {"": tokens_bnc, "+outliers": tokens_bnc.clone()}
+    variants["+outliers"][..., :2] *= 100  # pretrained ViTs have a few huge channels
+    for codec in TOKEN_CODECS:
+        for compressor in ("lz4", "zstd"):
+            spec = CodecSpec(codec, compressor, 5 if compressor == "lz4" else 1)
+            for tag, x in variants.items():
+                if tag and compressor == "zstd":
+                    continue
+                stored = encode_tokens(x, spec)
+                nbytes = 0
+                for name, arr in stored.items():
+                    z = zarr.create_array(workdir / f"{codec}-{compressor}{tag}-{name}", shape=arr.shape,
+                                          chunks=(1, *arr.shape[1:]), shards=arr.shape, dtype=arr.dtype,
+                                          compressors=spec.compressors(arr.dtype.itemsize), overwrite=True)
+                    z[:] = arr
+                    nbytes += z.nbytes_stored()
+                decoded = decode_tokens(stored, spec)
+                keep = slice(2, None) if tag else slice(None)
+                cos = torch.nn.functional.cosine_similarity(
+                    decoded[..., keep].flatten(0, 1), x[..., keep].flatten(0, 1), dim=-1).mean().item()
+                rows[f"{codec}/{compressor}{tag}"] = {
+                    "bytes_per_view": nbytes / len(x), "token_cosine": cos,
+                    "imagenet_1k_GB": nbytes / len(x) * IMAGENET_TRAIN / 1e9}
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--teacher", default="cae_large_patch16")
+    ap.add_argument("--views", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny teacher: checks the script, not the goal")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "extract.json"))
+    args = ap.parse_args()
+    teacher_name = "cae_tiny_patch16" if args.quick else args.teacher
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pattern = write_demo_shards(tmp / "data")
+        per_image = max(1, args.views // 22)
+        view = ViewConfig(views_per_image=per_image)
+        cfg = ExtractConfig(data=[pattern], out="", teacher=teacher_name, view=view, batch_size=args.batch_size,
+                            shard_views=per_image * 8, progress=False)
+        device = resolve_device("auto")
+        extractor = Extractor(cfg, load_teacher(cfg, device), device)
+        prepared = [prepare_sample(s, view) for s in open_source([pattern])]
+        batch_samples = max(1, args.batch_size // per_image)
+        batches = []
+        for i in range(0, len(prepared), batch_samples):
+            chunk = prepared[i : i + batch_samples]
+            views = torch.cat([p.views_kchw for p in chunk])
+            masks = torch.from_numpy(np.stack([v.mask_hw.reshape(-1) for p in chunk for v in p.params]))
+            batches.append((views, masks))
+        bare_forward(extractor, batches[:1])  # warm-up
+        bare, cached = [], []
+        for r in range(args.repeats):
+            bare.append(bare_forward(extractor, batches))
+            cached.append(cached_run(cfg, tmp / f"cache-{r}.zarr"))
+        tokens, _, _ = extractor.teacher_outputs(*batches[0])
+        codecs = codec_table(tokens.cpu(), tmp / "codecs")
+    ratio = statistics.median(cached) / statistics.median(bare)
+    default = codecs["int8ct/lz4"]
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device),
+                    "torch": torch.__version__},
+        "teacher": teacher_name, "views": sum(len(b[0]) for b in batches),
+        "bare_forward_views_per_s": bare, "extract_with_cache_views_per_s": cached,
+        "ratio_cache_vs_bare": ratio, "codecs": codecs,
+        "goals": {
+            "P1_extract_vs_bare_forward": {"value": ratio, "goal": 0.95, "met": ratio >= 0.95},
+            "default_codec_bytes_per_view": {"value": default["bytes_per_view"], "goal": 200_000,
+                                             "met": default["bytes_per_view"] <= 200_000},
+            "default_codec_token_cosine": {"value": default["token_cosine"], "goal": 0.9999,
+                                           "met": default["token_cosine"] >= 0.9999},
+        },
+    }
+    print(f"teacher {teacher_name} on {device}: bare forward {statistics.median(bare):.2f} views/s, "
+          f"extract+cache {statistics.median(cached):.2f} views/s, ratio {ratio:.3f} (goal >= 0.95)")
+    print(f"{'codec/compressor':<24}{'bytes/view':>12}{'cosine':>12}{'ImageNet-1k GB':>16}")
+    for name, row in codecs.items():
+        print(f"{name:<24}{row['bytes_per_view']:>12,.0f}{row['token_cosine']:>12.6f}{row['imagenet_1k_GB']:>16.0f}")
+    if not args.quick:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""``hgkd-distill``: train the student from a teacher cache (stage two), export it dense."""
+from __future__ import annotations
+
+import logging
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from ..errors import HgkdError
+from .config import SPARSE_BACKENDS, DistillConfig, load_yaml
+
+
+def user_errors(fn):
+    """HgkdError -> one line on stderr, exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HgkdError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True)
+def main(verbose: bool) -> None:
+    """Distil a cached MIM teacher into a sparse CNN student (H-GKD stage two)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(), help="YAML file of options; CLI options override it.")
+@click.option("--cache", help="Teacher cache written by 'hgkd-extract run'.")
+@click.option("--data", multiple=True, help="The data the cache was made from (same shards/folder).")
+@click.option("--out", help="Run directory (checkpoints, metrics, config).")
+@click.option("--student", default="resnet50", show_default=True)
+@click.option("--sparse-backend", type=click.Choice(SPARSE_BACKENDS), default="minkowski", show_default=True)
+@click.option("--sparse/--no-sparse", default=True, show_default=True, help="Ablation: sparse vs ordinary convs.")
+@click.option("--unet/--no-unet", default=True, show_default=True, help="Ablation: UNet decoder vs plain head.")
+@click.option("--similarity/--no-similarity", default=True, show_default=True, help="Ablation: with/without L_sim.")
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--warmup-epochs", type=int, default=40, show_default=True)
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Global batch size.")
+@click.option("--lr", type=float, default=8e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--clip-grad", type=float, default=5.0, show_default=True)
+@click.option("--queue-size", type=int, default=50_000, show_default=True)
+@click.option("--tau", type=float, default=0.009, show_default=True)
+@click.option("--sim-weight", type=float, default=1.0, show_default=True)
+@click.option("--decoder-width", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: epoch ends).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@user_errors
+def run(config_file: str | None, resume: bool, **opts) -> None:
+    """Train the student against the cached teacher targets."""
+    from .train import Trainer
+
+    ctx = click.get_current_context()
+    values = load_yaml(config_file) if config_file else {}
+    for name, value in opts.items():
+        if ctx.get_parameter_source(name) != ParameterSource.DEFAULT or name not in values:
+            values[name] = list(value) if name == "data" else value
+    for required in ("cache", "data", "out"):
+        if not values.get(required):
+            raise HgkdError(f"--{required} is required (on the command line or in --config)")
+    cfg = DistillConfig.from_dict(values, source=config_file or "options")
+    history = Trainer(cfg, resume=resume).fit()
+    if history:
+        last = history[-1]
+        click.echo(f"{cfg.out}: {last['step']:.0f} steps, final loss {last['loss']:.4f} (mse {last['mse']:.4f}"
+                   f"{', sim %.4f' % last['sim'] if 'sim' in last else ''})")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", required=True, help="Output .safetensors file of the dense timm ResNet.")
+@user_errors
+def export(run_dir: str, out: str) -> None:
+    """Write the student's encoder as dense timm ResNet weights (safetensors)."""
+    from .export_run import export_run
+
+    arch = export_run(Path(run_dir), Path(out))
+    click.echo(f"{out}: timm '{arch}' weights (load with timm.create_model('{arch}', num_classes=0))")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Configuration of a distillation run: the paper's recipe as defaults (H-GKD Sec. 4.1).
+
+Loaded from an optional YAML file, then overridden by explicitly given CLI options; the
+resolved config is written to the run directory and into every checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import HgkdError
+
+SPARSE_BACKENDS = ("minkowski", "masked")
+
+
+@dataclass
+class DistillConfig:
+    cache: str = ""
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    method: str = "hgkd"
+    student: str = "resnet50"
+    sparse_backend: str = "minkowski"  # how sparse convs run; "masked" = SparK-style emulation
+    sparse: bool = True  # ablation: False = ordinary convs on the zero-filled image
+    unet: bool = True  # ablation: False = same-depth plain head on the deepest scale
+    similarity: bool = True  # ablation: False = L_mse only
+    decoder_width: int = 512
+    epochs: int = 100
+    warmup_epochs: int = 40
+    batch_size: int = 1024  # global; split evenly over DDP ranks
+    lr: float = 8e-4
+    weight_decay: float = 1e-4
+    clip_grad: float = 5.0
+    queue_size: int = 50_000
+    tau: float = 0.009
+    sim_weight: float = 1.0  # lambda in L = L_mse + lambda * L_sim
+    prefill_queue: bool = True
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA; CPU runs fp32
+    checkpoint_every: int = 0  # steps; 0 = at epoch ends only
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.sparse_backend not in SPARSE_BACKENDS:
+            raise HgkdError(f"--sparse-backend {self.sparse_backend!r}: choose one of {', '.join(SPARSE_BACKENDS)}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise HgkdError(f"--warmup-epochs {self.warmup_epochs} must be between 0 and --epochs {self.epochs}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise HgkdError("--batch-size and --epochs must be positive")
+
+    @property
+    def encoder_backend(self) -> str:
+        return self.sparse_backend if self.sparse else "dense"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, blob: dict[str, Any], source: str = "config") -> "DistillConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(blob) - known)
+        if unknown:
+            raise HgkdError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
+        return cls(**blob)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    try:
+        blob = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise HgkdError(f"--config {path}: cannot read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise HgkdError(f"--config {path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(blob, dict):
+        raise HgkdError(f"--config {path}: expected a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in blob.items()}

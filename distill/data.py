@@ -1,0 +1,187 @@
+"""Stage-two inputs: the exact views the teacher saw, paired with its cached tokens.
+
+``CacheViewDataset[rows]`` returns a whole batch: it reads the rows' teacher outputs from
+the cache in one batched call, fetches each row's source image by sample index, and
+re-renders the stored view (crop, flip) with ``hgkd.extract.views`` - the same code the
+extractor used - so the student sees the teacher's pixels exactly. The teacher never runs.
+``ChunkAwareBatchSampler`` shuffles so that each batch touches a few cache shards only.
+"""
+from __future__ import annotations
+
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
+
+from ..errors import HgkdError
+from ..extract.data import IMAGE_EXTS, DataSource, open_source
+from ..extract.views import ViewConfig, ViewParams, decode_image, render_view
+from ..storage.cache import STATUS_OK, FeatureCache
+from ..storage.codecs import decode_tokens
+
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator default
+
+
+class RandomAccessSource:
+    """Read sample ``index``'s image bytes directly: tar member offsets, or folder paths."""
+
+    def __init__(self, source: DataSource) -> None:
+        self.source = source
+        if source.kind == "folder":
+            root = Path(source.spec[0])
+            self._locations = [(str(root / rel), 0, -1) for rel, _ in source.entries]
+            self.keys = [str(Path(rel).with_suffix("")) for rel, _ in source.entries]
+        else:
+            self._locations, self.keys = self._index_tars(source)
+        self._handles: dict[str, object] = {}
+
+    @staticmethod
+    def _index_tars(source: DataSource) -> tuple[list[tuple[str, int, int]], list[str]]:
+        """Member offsets per sample, grouped into samples by webdataset's own grouping."""
+        def members() -> Iterator[dict]:
+            for url, _ in source.entries:
+                if "://" in url:
+                    raise HgkdError(f"--data {url}: stage two needs local tar files (random access)")
+                with tarfile.open(url, mode="r:") as tar:
+                    for info in tar:
+                        name = info.name
+                        if not info.isreg() or ("/" not in name and name.startswith(meta_prefix)
+                                                and name.endswith(meta_suffix)) or _SKIP_META.match(name):
+                            continue
+                        yield {"fname": name, "data": (url, info.offset_data, info.size), "__url__": url}
+                yield {}
+
+        locations, keys = [], []
+        for sample in group_by_keys(members()):
+            image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+            locations.append(image if image is not None else ("", 0, 0))
+            keys.append(sample["__key__"])
+        return locations, keys
+
+    def read(self, index: int) -> bytes | None:
+        path, offset, size = self._locations[index]
+        if not path:
+            return None
+        handle = self._handles.get(path)
+        if handle is None:
+            handle = self._handles[path] = open(path, "rb")
+        handle.seek(offset)
+        return handle.read() if size < 0 else handle.read(size)
+
+    def __getstate__(self) -> dict:  # file handles stay per worker process
+        return {**self.__dict__, "_handles": {}}
+
+
+@dataclass
+class Batch:
+    """One training batch; ``images`` are uint8, everything else float/bool tensors."""
+
+    rows: torch.Tensor  # (B,) cache rows
+    images: torch.Tensor  # (B, 3, S, S) uint8, exactly the teacher's view
+    visible: torch.Tensor  # (B, gh, gw) bool, True = patch shown
+    tokens: torch.Tensor  # (B, N, C) float32 teacher tokens
+    valid: torch.Tensor  # (B, N) bool, teacher produced this token
+    pooled: torch.Tensor  # (B, C) float32 pooled teacher embedding
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
+
+
+class CacheViewDataset(Dataset):
+    """Index with a list of cache rows; returns one :class:`Batch`."""
+
+    def __init__(self, cache_url: str, data: list[str]) -> None:
+        self.cache_url = cache_url
+        cache = FeatureCache.open(cache_url)
+        if not cache.is_complete():
+            raise HgkdError(f"--cache {cache_url} is incomplete; finish it with 'hgkd-extract run' and check 'verify'")
+        source = open_source(data)
+        if source.fingerprint() != cache.meta.dataset["fingerprint"]:
+            raise HgkdError(f"--data {' '.join(data)} is not the data set the cache was made from "
+                            f"(fingerprint differs); pass the same shards/folder as to 'hgkd-extract run'")
+        self.view_cfg = ViewConfig.from_json(cache.meta.view)
+        self.grid = tuple(cache.meta.teacher["grid"])
+        self.source = RandomAccessSource(source)
+        self.ok_rows = np.flatnonzero(cache.read(range(cache.num_views), ["status"])["status"] == STATUS_OK)
+        self._cache: FeatureCache | None = None
+
+    @property
+    def cache(self) -> FeatureCache:
+        if self._cache is None:  # opened lazily: once per DataLoader worker
+            self._cache = FeatureCache.open(self.cache_url)
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}
+
+    def __len__(self) -> int:
+        return len(self.ok_rows)
+
+    def __getitem__(self, rows: list[int]) -> Batch:
+        rows_sorted = np.sort(np.asarray(rows, dtype=np.int64))
+        cache = self.cache
+        names = ["tokens", *cache.codec.aux_arrays(1, 1), "valid", "pooled", "mask", "crop", "flip", "index", "key"]
+        raw = cache.read(rows_sorted, names)
+        images = []
+        for i, index in enumerate(raw["index"]):
+            data = self.source.read(int(index))
+            if data is None or self.source.keys[index] != raw["key"][i]:
+                raise HgkdError(f"--data sample {index} is not cache row {rows_sorted[i]}'s image; data and cache disagree")
+            params = ViewParams(tuple(raw["crop"][i]), bool(raw["flip"][i]), raw["mask"][i].reshape(self.grid))
+            images.append(render_view(decode_image(data), params, self.view_cfg))
+        return Batch(
+            rows=torch.from_numpy(rows_sorted),
+            images=torch.stack(images),
+            visible=torch.from_numpy(~raw["mask"]).reshape(-1, *self.grid),
+            tokens=decode_tokens(raw, cache.codec),
+            valid=torch.from_numpy(raw["valid"]),
+            pooled=torch.from_numpy(raw["pooled"].astype(np.float32)),
+        )
+
+
+class ChunkAwareBatchSampler(Sampler[list[int]]):
+    """Epoch-seeded batches that each touch few cache shards.
+
+    Shards are shuffled, then grouped ``window`` at a time; rows are shuffled within a
+    window and cut into batches. Under DDP rank r takes batches r, r+world, ...; batches are
+    full (drop_last) so every rank steps the same number of times. ``start_batch`` skips
+    the batches an interrupted epoch already trained on (resume).
+    """
+
+    def __init__(self, rows: np.ndarray, shard_views: int, batch_size: int, seed: int = 0,
+                 window: int = 4, rank: int = 0, world_size: int = 1) -> None:
+        self.rows, self.shard_views, self.batch_size = np.asarray(rows), shard_views, batch_size
+        self.seed, self.window, self.rank, self.world_size = seed, window, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+        if len(self) == 0:
+            raise HgkdError(f"--batch-size {batch_size} is larger than the {len(self.rows)} usable views "
+                            f"per rank; lower it")
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _all_batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        shards = self.rows // self.shard_views
+        order = rng.permutation(np.unique(shards))
+        stream = []
+        for w in range(0, len(order), self.window):
+            rows = self.rows[np.isin(shards, order[w : w + self.window])]
+            stream.append(rng.permutation(rows))
+        flat = np.concatenate(stream)
+        n_batches = len(flat) // (self.batch_size * self.world_size) * self.world_size
+        return [flat[b * self.batch_size : (b + 1) * self.batch_size] for b in range(n_batches)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self._all_batches()[self.rank :: self.world_size]
+        for batch in mine[self.start_batch :]:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self.rows) // (self.batch_size * self.world_size)
