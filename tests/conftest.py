@@ -1,8 +1,13 @@
 """Shared fixtures: real webdataset tars of real photos, tiny real teachers, real caches."""
 from __future__ import annotations
 
-import io
 import os
+
+# Tiny tensors on 2 cores: one intra-op thread per process avoids oversubscription when
+# tests run several processes (parallel extraction, DDP) at once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import io
 import subprocess
 import sys
 from pathlib import Path

@@ -1,0 +1,141 @@
+"""Stage two end to end on a real cache written by hgkd-extract, tiny real students, CPU."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from hgkd.distill.cli import main as distill_cli
+from hgkd.distill.data import CacheViewDataset
+from hgkd.storage.cache import FeatureCache
+
+from conftest import extract_args, run_cli
+
+BACKEND = "masked"  # the ME backend is proven equal to it in test_students.py
+
+
+def distill_args(cache: str, data: str, out: str, *extra: str) -> list[str]:
+    return ["run", "--cache", cache, "--data", data, "--out", out, "--student", "resnet18",
+            "--sparse-backend", BACKEND, "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1",
+            "--queue-size", "16", "--decoder-width", "64", "--workers", "0", *extra]
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(distill_cli, args, catch_exceptions=False)
+
+
+def subprocess_cli(args: list[str], **kw):
+    return subprocess.run([sys.executable, "-m", "hgkd.distill.cli", *args], capture_output=True, text=True, **kw)
+
+
+def read_metrics(run: Path) -> dict[int, float]:
+    """step -> loss; the last occurrence wins (steps redone after a crash are logged again)."""
+    with (run / "metrics.csv").open() as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def test_dataset_batches_are_the_teachers_views_and_tokens(f32_cache, photo_tars):
+    ds = CacheViewDataset(f32_cache, [photo_tars])
+    cache = FeatureCache.open(f32_cache)
+    rows = [5, 0, 17]
+    batch = ds[rows]
+    assert batch.rows.tolist() == [0, 5, 17]
+    np.testing.assert_array_equal(batch.tokens.numpy(), cache.read([0, 5, 17], ["tokens"])["tokens"])
+    assert batch.images.dtype == torch.uint8 and batch.images.shape == (3, 3, 64, 64)
+    assert batch.visible.shape == (3, 4, 4) and (batch.visible.sum((1, 2)) == 8).all()
+
+
+def test_distill_runs_logs_and_exports_a_dense_timm_resnet(f32_cache, photo_tars, tmp_path):
+    run = tmp_path / "run"
+    result = invoke(distill_args(f32_cache, photo_tars, str(run)))
+    assert result.exit_code == 0, result.output
+    losses = read_metrics(run)
+    assert sorted(losses) == list(range(1, 7)) and all(np.isfinite(list(losses.values())))
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    out = tmp_path / "student.safetensors"
+    assert invoke(["export", str(run), "--out", str(out)]).exit_code == 0
+    dense = timm.create_model("resnet18", num_classes=0)
+    dense.load_state_dict(load_file(out), strict=True)
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    torch.testing.assert_close(dense.state_dict()["conv1.weight"], ckpt["model"]["encoder.body.conv1.weight"])
+
+
+@pytest.mark.parametrize("flag", ["--no-unet", "--no-sparse", "--no-similarity"])
+def test_ablation_switches_train(f32_cache, photo_tars, tmp_path, flag):
+    run = tmp_path / "run"
+    result = invoke(distill_args(f32_cache, photo_tars, str(run), flag, "--epochs", "1", "--warmup-epochs", "0"))
+    assert result.exit_code == 0, result.output
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and (rows[0]["sim"] == "") == (flag == "--no-similarity")
+
+
+def test_kill_9_then_resume_equals_uninterrupted(f32_cache, photo_tars, tmp_path):
+    reference = tmp_path / "ref"
+    args = lambda out, *x: distill_args(f32_cache, photo_tars, str(out), "--epochs", "4", *x)  # noqa: E731
+    assert invoke(args(reference)).exit_code == 0
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "hgkd.distill.cli", *args(run, "--checkpoint-every", "1")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(read_metrics(run) if (run / "metrics.csv").exists() else {}) < 7:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 7 <= len(read_metrics(run)) < 12, "kill must land in epoch 3 or 4"
+    result = invoke(args(run, "--checkpoint-every", "1", "--resume"))
+    assert result.exit_code == 0, result.output
+    ref_losses, got_losses = read_metrics(reference), read_metrics(run)
+    assert sorted(got_losses) == sorted(ref_losses) == list(range(1, 13))
+    for step, loss in ref_losses.items():
+        assert got_losses[step] == pytest.approx(loss, abs=1e-6), step
+    ref_w = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]
+    got_w = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for name in ref_w:
+        torch.testing.assert_close(got_w[name], ref_w[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_ddp_two_processes_gloo(f32_cache, photo_tars, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "hgkd.distill.cli", *distill_args(f32_cache, photo_tars, str(run), "--epochs", "1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = read_metrics(run)
+    assert sorted(losses) == list(range(1, len(losses) + 1)) and len(losses) == 24 // 8  # global batch 8 = 2 x 4
+
+
+def test_bad_inputs_are_one_line_errors(f32_cache, photo_tars, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.png").write_bytes((Path(__file__).parent / "fixtures" / "hgkd_losses.json").read_bytes())
+    result = subprocess_cli(distill_args(f32_cache, str(other), str(tmp_path / "r")))
+    assert result.returncode == 2 and "not the data set the cache was made from" in result.stderr
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("epochs: [1, 2\n")
+    result = subprocess_cli(["run", "--config", str(bad_yaml)])
+    assert result.returncode == 2 and result.stderr.startswith("error: --config") and result.stderr.count("\n") == 1
+    result = subprocess_cli(distill_args(f32_cache, photo_tars, str(tmp_path / "r2"), "--resume"))
+    assert result.returncode == 2 and "no checkpoint there" in result.stderr
+
+
+def test_yaml_config_with_cli_override(f32_cache, photo_tars, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"cache: {f32_cache}\ndata: ['{photo_tars}']\nstudent: resnet18\nsparse-backend: {BACKEND}\n"
+                   "batch_size: 8\nepochs: 5\nwarmup_epochs: 0\nqueue_size: 16\ndecoder_width: 64\nworkers: 0\n")
+    run = tmp_path / "run"
+    assert invoke(["run", "--config", str(cfg), "--out", str(run), "--epochs", "1"]).exit_code == 0
+    saved = (run / "config.yaml").read_text()
+    assert "epochs: 1\n" in saved and "student: resnet18\n" in saved

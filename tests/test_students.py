@@ -1,0 +1,218 @@
+"""Student encoders (H-GKD Sec. 3.2.1): real MinkowskiEngine vs SparK-style masked compute vs timm.
+
+The ME backend is the reference for "sparse": the masked backend must equal it (values, active
+sites, gradients, BN running stats), both must equal a dense timm ResNet when nothing is hidden,
+and hidden pixels must never reach any output.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from hgkd.distill.students import STUDENT_ENCODERS, create_encoder
+from hgkd.distill.students.encoder import SparseResNetEncoder
+from hgkd.distill.students.export import export_timm_state_dict, save_safetensors
+from hgkd.errors import HgkdError
+
+NAMES = STUDENT_ENCODERS.names()
+SPARSE_BACKENDS = ["minkowski", "masked"]
+IMG = 64
+# 16-px patches of a 64-px image. Sample 0: the top-left 32-px cell is fully visible, the
+# top-right one partly (2 of 4 patches), bottom-left partly (1 of 4), bottom-right hidden.
+# Sample 1: a checkerboard, so every 32-px cell is partly visible.
+VISIBLE_16PX = torch.tensor([
+    [[1, 1, 0, 1], [1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]],
+    [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]],
+], dtype=torch.bool)
+VISIBLE_32PX = torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 1]]], dtype=torch.bool)
+
+
+def images(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def randomize_batch_norms(encoder: SparseResNetEncoder, seed: int = 0) -> SparseResNetEncoder:
+    """timm zero-inits the last BN of each block; random BN parameters and stats test every path."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in (m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=gen))
+            bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=gen))
+            bn.running_mean.copy_(0.1 * torch.randn(bn.running_mean.shape, generator=gen))
+            bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=gen))
+    return encoder
+
+
+def twins(name: str, dtype: torch.dtype) -> tuple[SparseResNetEncoder, SparseResNetEncoder]:
+    """The same weights under the ME backend and the masked backend."""
+    torch.manual_seed(0)
+    me = randomize_batch_norms(create_encoder(name, backend="minkowski")).to(dtype)
+    masked = copy.deepcopy(me)
+    masked.backend = "masked"
+    return me, masked
+
+
+def expected_active(visible_bhw: torch.Tensor, stride: int) -> torch.Tensor:
+    """A site at ``stride`` is active iff any visible pixel lies in its stride x stride cell."""
+    pixels = visible_bhw.repeat_interleave(IMG // visible_bhw.shape[1], 1).repeat_interleave(IMG // visible_bhw.shape[2], 2)
+    return F.max_pool2d(pixels[:, None].float(), stride)[:, 0] > 0
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+    """Max abs difference within ``rel`` of the expected tensor's largest magnitude."""
+    err = (actual - expected).abs().max().item()
+    scale = max(expected.abs().max().item(), 1e-12)
+    assert err <= rel * scale, f"{what}: max |diff| {err:.3g} > {rel} * {scale:.3g}"
+
+
+def loss_of(stages: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """A fixed random linear functional of all four stages, so every parameter gets a gradient."""
+    gen = torch.Generator().manual_seed(1)
+    return sum((feat * torch.randn(feat.shape, generator=gen, dtype=feat.dtype)).sum() for feat, _ in stages)
+
+
+# ------------------------------------------------------------------ 1. ME == masked
+@pytest.mark.parametrize("visible", [VISIBLE_16PX, VISIBLE_32PX], ids=["16px", "32px"])
+@pytest.mark.parametrize("name", NAMES)
+def test_minkowski_equals_masked_train_step_float64(name, visible):
+    """Values, active sites, every gradient and BN running stats agree to float64 round-off."""
+    me, masked = twins(name, torch.float64)
+    out = {}
+    for enc in (me, masked):
+        stages = enc(images(dtype=torch.float64), visible)
+        loss_of(stages).backward()
+        out[enc.backend] = stages
+    for s, ((f_me, a_me), (f_mk, a_mk), stride) in enumerate(zip(out["minkowski"], out["masked"], me.strides)):
+        assert f_me.shape == f_mk.shape == (2, me.channels[s], IMG // stride, IMG // stride)
+        assert torch.equal(a_me, a_mk) and torch.equal(a_me, expected_active(visible, stride))
+        assert not f_me.masked_select(~a_me[:, None]).any() and not f_mk.masked_select(~a_mk[:, None]).any()
+        assert_close_rel(f_me, f_mk, 1e-10, f"stage {s + 1}")
+    params_masked = dict(masked.named_parameters())
+    for pname, p in me.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, pname
+        assert_close_rel(p.grad, params_masked[pname].grad, 1e-9, f"grad {pname}")
+    buffers_masked = dict(masked.named_buffers())
+    for bname, b in me.named_buffers():
+        assert_close_rel(b.double(), buffers_masked[bname].double(), 1e-12, bname)
+    assert int(me.body.bn1.num_batches_tracked) == 1
+
+
+def test_minkowski_equals_masked_float32_train_then_eval():
+    """The float32 path at the tolerance training runs at, including eval-mode (running stats)."""
+    me, masked = twins("resnet18", torch.float32)
+    for mode in ("train", "eval"):
+        results = []
+        for enc in (me, masked):
+            enc.train(mode == "train")
+            enc.zero_grad()
+            stages = enc(images(seed=2), VISIBLE_16PX)
+            loss_of(stages).backward()
+            results.append((stages, {n: p.grad for n, p in enc.named_parameters()}))
+        (stages_me, grads_me), (stages_mk, grads_mk) = results
+        for (f_me, a_me), (f_mk, a_mk) in zip(stages_me, stages_mk):
+            assert torch.equal(a_me, a_mk)
+            assert_close_rel(f_me, f_mk, 1e-4, mode)
+        for pname, grad in grads_me.items():
+            assert_close_rel(grad, grads_mk[pname], 1e-4, f"{mode} grad {pname}")
+    for (bname, b), b_mk in zip(me.named_buffers(), masked.buffers()):
+        assert_close_rel(b.double(), b_mk.double(), 1e-5, bname)
+
+
+# ------------------------------------------------------------------ 2. all visible == timm
+@pytest.mark.parametrize(("mode", "dtype", "rel"), [("eval", torch.float32, 1e-4), ("train", torch.float64, 1e-9)],
+                         ids=["eval-float32", "train-float64"])  # BN over 8 sites at stride 32 is ill-conditioned in float32
+@pytest.mark.parametrize("backend", [*SPARSE_BACKENDS, "dense"])
+@pytest.mark.parametrize("name", NAMES)
+def test_all_visible_equals_dense_timm(name, backend, mode, dtype, rel):
+    """Nothing hidden: every backend is the dense timm ResNet (train mode: also its BN running stats)."""
+    encoder = randomize_batch_norms(create_encoder(name, backend=backend)).train(mode == "train")
+    timm_model = timm.create_model(name, num_classes=0).train(mode == "train")
+    timm_model.load_state_dict(export_timm_state_dict(encoder), strict=True)
+    encoder, timm_model = encoder.to(dtype), timm_model.to(dtype)
+    x = images(seed=3, dtype=dtype)
+    with torch.no_grad():
+        stages = encoder(x, torch.ones(2, 4, 4, dtype=torch.bool))
+        reference = timm_model.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+    for s, ((feat, active), ref) in enumerate(zip(stages, reference)):
+        assert active.all() and feat.shape == ref.shape
+        assert_close_rel(feat, ref, rel, f"stage {s + 1}")
+    for (bname, b), ref in zip(encoder.body.named_buffers(), timm_model.buffers()):
+        assert_close_rel(b.double(), ref.double(), rel, bname)
+
+
+# ------------------------------------------------------------------ 3. no leakage
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_hidden_pixels_never_reach_any_output(backend):
+    """Changing hidden pixels changes nothing, bit for bit, in train mode (BN over the batch)."""
+    encoder = randomize_batch_norms(create_encoder("resnet18", backend=backend))
+    visible_pix = expected_active(VISIBLE_16PX, 1)[:, None]
+    x = images(seed=4)
+    x_other = torch.where(visible_pix, x, 100 * images(seed=5))
+    with torch.no_grad():
+        for (f, a), (f_other, a_other) in zip(encoder(x, VISIBLE_16PX), encoder(x_other, VISIBLE_16PX)):
+            assert torch.equal(f, f_other) and torch.equal(a, a_other)
+
+
+def test_dense_backend_loses_the_mask_pattern():
+    """The ``sparse=off`` ablation: hidden pixels are zero-filled (so their content is ignored
+    too), but features grow into hidden regions and differ from the sparse ones at visible sites."""
+    dense = randomize_batch_norms(create_encoder("resnet18", backend="dense")).eval()
+    masked = copy.deepcopy(dense)
+    masked.backend = "masked"
+    visible_pix = expected_active(VISIBLE_16PX, 1)[:, None]
+    x = images(seed=4)
+    x_other = torch.where(visible_pix, x, 100 * images(seed=5))
+    with torch.no_grad():
+        stages, stages_other, sparse = dense(x, VISIBLE_16PX), dense(x_other, VISIBLE_16PX), masked(x, VISIBLE_16PX)
+    for (f, a), (f_other, _), (f_sparse, a_sparse) in zip(stages, stages_other, sparse):
+        assert a.all() and torch.equal(f, f_other)
+        assert f.masked_select(~a_sparse[:, None]).abs().max() > 0  # hidden sites carry features
+    f_dense, f_sparse = stages[0][0], sparse[0][0]
+    assert (f_dense - f_sparse).masked_select(sparse[0][1][:, None]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ 4. export
+@pytest.mark.parametrize("name", NAMES)
+def test_export_loads_strict_into_timm_and_round_trips_safetensors(name, tmp_path):
+    encoder = randomize_batch_norms(create_encoder(name, backend="masked")).eval()
+    state = export_timm_state_dict(encoder)
+    dense = timm.create_model(name, num_classes=0).eval()
+    dense.load_state_dict(state, strict=True)
+    x = images(seed=6)
+    with torch.no_grad():
+        for (feat, _), ref in zip(encoder(x, torch.ones(2, 2, 2, dtype=torch.bool)),
+                                  dense.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)):
+            assert_close_rel(feat, ref, 1e-4, name)
+    path = tmp_path / "student.safetensors"
+    save_safetensors(encoder, path)
+    loaded = load_file(path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["architecture"] == name
+    timm.create_model(name, num_classes=0).load_state_dict(loaded, strict=True)
+
+
+# ------------------------------------------------------------------ 5. registry and errors
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_encoders_describe_their_stages(name):
+    encoder = create_encoder(name, backend="masked")
+    expansion = 4 if name == "resnet50" else 1
+    assert encoder.channels == [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+    assert encoder.strides == [4, 8, 16, 32]
+    assert set(encoder.state_dict()) == {f"body.{k}" for k in timm.create_model(name, num_classes=0).state_dict()}
+
+
+def test_user_errors_are_hgkd_errors():
+    with pytest.raises(HgkdError, match="sparse backend 'bogus'"):
+        create_encoder("resnet18", backend="bogus")
+    with pytest.raises(HgkdError, match="unknown student encoder"):
+        create_encoder("vit_base", backend="masked")
+    with pytest.raises(HgkdError, match="drop-path"):
+        create_encoder("resnet18", backend="masked", drop_path_rate=0.1)
+    create_encoder("resnet18", backend="dense", drop_path_rate=0.1)  # the dense ablation runs any timm ResNet
