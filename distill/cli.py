@@ -58,6 +58,12 @@ def main(verbose: bool) -> None:
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: epoch ends).")
+@click.option("--online-teacher", help="Run this registered teacher on every batch instead of reading --cache.")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), help="Checkpoint of --online-teacher.")
+@click.option("--img-size", type=int, default=224, show_default=True, help="Online teacher only (a cache records its own).")
+@click.option("--mask-ratio", type=float, default=0.6, show_default=True, help="Online teacher only.")
+@click.option("--mask-granularity", type=click.Choice(["16", "32"]), default="16", show_default=True,
+              help="Online teacher only.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @user_errors
 def run(config_file: str | None, resume: bool, **opts) -> None:
@@ -69,7 +75,8 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
     for name, value in opts.items():
         if ctx.get_parameter_source(name) != ParameterSource.DEFAULT or name not in values:
             values[name] = list(value) if name == "data" else value
-    for required in ("cache", "data", "out"):
+    values["mask_granularity"] = int(values["mask_granularity"])
+    for required in ("data", "out") if values.get("online_teacher") else ("cache", "data", "out"):
         if not values.get(required):
             raise HgkdError(f"--{required} is required (on the command line or in --config)")
     cfg = DistillConfig.from_dict(values, source=config_file or "options")

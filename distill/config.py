@@ -44,6 +44,12 @@ class DistillConfig:
     amp: bool = True  # bf16 autocast on CUDA; CPU runs fp32
     checkpoint_every: int = 0  # steps; 0 = at epoch ends only
     log_every: int = 10
+    # --online-teacher: run this registered teacher on every batch instead of reading a cache
+    online_teacher: str | None = None
+    teacher_checkpoint: str | None = None
+    img_size: int = 224
+    mask_ratio: float = 0.6
+    mask_granularity: int = 16
 
     def __post_init__(self) -> None:
         if self.sparse_backend not in SPARSE_BACKENDS:

@@ -21,7 +21,7 @@ from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from ..errors import HgkdError
 from ..extract.data import IMAGE_EXTS, DataSource, open_source
-from ..extract.views import ViewConfig, ViewParams, decode_image, render_view
+from ..extract.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
 from ..storage.cache import STATUS_OK, FeatureCache
 from ..storage.codecs import decode_tokens
 
@@ -85,12 +85,13 @@ class Batch:
     rows: torch.Tensor  # (B,) cache rows
     images: torch.Tensor  # (B, 3, S, S) uint8, exactly the teacher's view
     visible: torch.Tensor  # (B, gh, gw) bool, True = patch shown
-    tokens: torch.Tensor  # (B, N, C) float32 teacher tokens
-    valid: torch.Tensor  # (B, N) bool, teacher produced this token
-    pooled: torch.Tensor  # (B, C) float32 pooled teacher embedding
+    tokens: torch.Tensor | None = None  # (B, N, C) float32 teacher tokens (None: online teacher)
+    valid: torch.Tensor | None = None  # (B, N) bool, teacher produced this token
+    pooled: torch.Tensor | None = None  # (B, C) float32 pooled teacher embedding
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
+        moved = (getattr(self, f) for f in self.__dataclass_fields__)
+        return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in moved))
 
 
 class CacheViewDataset(Dataset):
@@ -143,6 +144,43 @@ class CacheViewDataset(Dataset):
             valid=torch.from_numpy(raw["valid"]),
             pooled=torch.from_numpy(raw["pooled"].astype(np.float32)),
         )
+
+
+class OnlineViewDataset(Dataset):
+    """Views drawn like the extractor draws them, without a cache (``--online-teacher``).
+
+    Row r is view ``r % K`` of sample ``r // K``; undecodable samples are dropped from
+    their batch. Targets are filled in by the trainer's live teacher.
+    """
+
+    def __init__(self, data: list[str], view_cfg: ViewConfig) -> None:
+        self.view_cfg = view_cfg
+        self.source = RandomAccessSource(open_source(data))
+        self.ok_rows = np.arange(len(self.source.keys) * view_cfg.views_per_image)
+
+    def __len__(self) -> int:
+        return len(self.ok_rows)
+
+    def __getitem__(self, rows: list[int]) -> Batch:
+        k_views = self.view_cfg.views_per_image
+        kept, images, masks = [], [], []
+        for row in sorted(rows):
+            index, k = divmod(int(row), k_views)
+            data = self.source.read(index)
+            try:
+                image = decode_image(data) if data is not None else None
+            except Exception:
+                image = None
+            if image is None:
+                continue
+            params = sample_view(self.view_cfg, self.source.keys[index], k, (image.shape[1], image.shape[2]))
+            kept.append(row)
+            images.append(render_view(image, params, self.view_cfg))
+            masks.append(params.mask_hw)
+        if not kept:
+            raise HgkdError("--data: a whole batch of images could not be decoded")
+        return Batch(rows=torch.tensor(kept), images=torch.stack(images),
+                     visible=torch.from_numpy(~np.stack(masks)))
 
 
 class ChunkAwareBatchSampler(Sampler[list[int]]):

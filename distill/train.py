@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -25,14 +24,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..errors import HgkdError
-from ..storage.cache import FeatureCache
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import DistillConfig
-from .data import Batch, CacheViewDataset, ChunkAwareBatchSampler
+from .data import Batch, ChunkAwareBatchSampler
 from .losses import masked_mse, pooled_embedding, similarity_loss
 from .queue import MemoryQueue
 from .students import create_encoder
 from .students.model import HgkdStudent
+from .targets import make_targets
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +66,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_student(cfg: DistillConfig, cache: FeatureCache) -> HgkdStudent:
-    """Student whose output matches the cache's teacher token grid and width."""
+def build_student(cfg: DistillConfig, embed_dim: int, patch_size: int) -> HgkdStudent:
+    """Student whose output matches the teacher's token grid and width."""
     encoder = create_encoder(cfg.student, backend=cfg.encoder_backend)
-    teacher = cache.meta.teacher
-    return HgkdStudent(encoder, out_dim=int(teacher["embed_dim"]), patch_size=int(teacher["patch_size"]),
-                       decoder_width=cfg.decoder_width, unet=cfg.unet)
+    return HgkdStudent(encoder, out_dim=embed_dim, patch_size=patch_size, decoder_width=cfg.decoder_width,
+                       unet=cfg.unet)
 
 
 class Trainer:
@@ -84,21 +82,21 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         torch.manual_seed(cfg.seed)
-        self.cache = FeatureCache.open(cfg.cache)
-        self.dataset = CacheViewDataset(cfg.cache, cfg.data)
+        self.targets = make_targets(cfg, self.device)
+        self.dataset = self.targets.dataset
         if cfg.batch_size % self.dist.world_size:
             raise HgkdError(f"--batch-size {cfg.batch_size} must be divisible by the {self.dist.world_size} ranks")
-        self.sampler = ChunkAwareBatchSampler(self.dataset.ok_rows, self.cache.shard_views,
+        self.sampler = ChunkAwareBatchSampler(self.dataset.ok_rows, self.targets.shard_views,
                                               cfg.batch_size // self.dist.world_size, cfg.seed,
                                               rank=self.dist.rank, world_size=self.dist.world_size)
         self.steps_per_epoch = len(self.sampler)
-        self.model = build_student(cfg, self.cache).to(self.device)
+        self.model = build_student(cfg, self.targets.embed_dim, self.targets.patch_size).to(self.device)
         self.optimizer = create_optimizer_v2(self.model, "lamb", lr=cfg.lr, weight_decay=cfg.weight_decay,
                                              betas=(0.9, 0.999))
         total = cfg.epochs * self.steps_per_epoch
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=total, lr_min=1e-6, warmup_lr_init=1e-6,
                                            warmup_t=cfg.warmup_epochs * self.steps_per_epoch, t_in_epochs=False)
-        self.queue = MemoryQueue(cfg.queue_size, int(self.cache.meta.teacher["embed_dim"])).to(self.device)
+        self.queue = MemoryQueue(cfg.queue_size, self.targets.embed_dim).to(self.device)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.dist.world_size > 1 else self.model)
         self.amp = torch.bfloat16 if (cfg.amp and self.device.type == "cuda") else None
@@ -116,21 +114,20 @@ class Trainer:
         """Fill the queue from the cache's pooled embeddings before step one (method notes)."""
         if not (self.cfg.similarity and self.cfg.prefill_queue):
             return
-        rng = np.random.default_rng(self.cfg.seed)
-        n = min(self.cfg.queue_size, len(self.dataset.ok_rows))
-        rows = np.sort(rng.choice(self.dataset.ok_rows, size=n, replace=False))
-        pooled = torch.from_numpy(self.cache.read(rows, ["pooled"])["pooled"].astype(np.float32))
-        self.queue.push(pooled.to(self.device), gather=False)
+        pooled = self.targets.prefill(min(self.cfg.queue_size, len(self.dataset.ok_rows)), self.cfg.seed)
+        if pooled is not None:
+            self.queue.push(pooled.to(self.device), gather=False)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "queue": self.queue.state_dict(), "rng": rng_state(), "epoch": self.epoch,
                 "next_batch": self.next_batch, "global_step": self.global_step, "config": self.cfg.to_dict(),
-                "cache_fingerprint": self.cache.meta.fingerprint()}
+                "targets_fingerprint": self.targets.fingerprint}
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        if ckpt.get("cache_fingerprint") != self.cache.meta.fingerprint():
-            raise HgkdError(f"--resume: {self.run_dir} was trained on another cache than --cache {self.cfg.cache}")
+        if ckpt.get("targets_fingerprint") != self.targets.fingerprint:
+            raise HgkdError(f"--resume: {self.run_dir} was trained on other teacher targets (cache, teacher or "
+                            f"data differ); resume with the original --cache/--online-teacher and --data")
         saved = DistillConfig.from_dict(ckpt["config"])
         for key in ("student", "sparse", "unet", "similarity", "decoder_width", "queue_size", "batch_size", "seed"):
             if getattr(saved, key) != getattr(self.cfg, key):
@@ -163,7 +160,7 @@ class Trainer:
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.ddp.train()
-        terms = self.losses(batch.to(self.device))
+        terms = self.losses(self.targets.complete(batch.to(self.device)))
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)

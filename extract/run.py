@@ -167,31 +167,43 @@ def prepare_sample(sample: Sample, view_cfg: ViewConfig) -> Prepared:
     return Prepared(sample, params, views, hw)
 
 
+@torch.no_grad()
+def teacher_targets(teacher: Teacher, views_vchw: torch.Tensor, mask_vn: torch.Tensor, full_view: bool = False,
+                    amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the cache stores for a batch of uint8 views: tokens, validity, pooled embedding.
+
+    Shared by extraction and ``hgkd-distill --online-teacher`` so both give the same targets.
+    """
+    device = next(teacher.parameters()).device
+    mean = torch.tensor(teacher.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(teacher.std, device=device).view(1, 3, 1, 1) * 255
+    x = (views_vchw.to(device, non_blocking=True).float() - mean) / std
+    mask = None if full_view else mask_vn.to(device)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        tokens, valid = teacher.forward_masked(x, mask)
+    tokens = tokens.float()
+    weights = valid.unsqueeze(-1).float()
+    pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    return tokens, valid, torch.nn.functional.normalize(pooled, dim=-1)
+
+
 class Extractor:
     """Teacher forward + encoding of one batch of prepared samples into cache rows."""
 
     def __init__(self, cfg: ExtractConfig, teacher: Teacher, device: torch.device) -> None:
         self.cfg, self.teacher, self.device = cfg, teacher, device
         self.amp = autocast_dtype(cfg.precision, device)
-        self.mean = torch.tensor(teacher.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(teacher.std, device=device).view(1, 3, 1, 1) * 255
         self.teacher_seconds = 0.0
 
-    @torch.no_grad()
     def teacher_outputs(self, views_vchw: torch.Tensor, mask_vn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (V, N, C) float32, valid (V, N), pooled (V, C) L2-normalised."""
         start = time.perf_counter()
-        x = (views_vchw.to(self.device, non_blocking=True).float() - self.mean) / self.std
-        mask = None if self.cfg.view.teacher_view == "full" else mask_vn.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            tokens, valid = self.teacher.forward_masked(x, mask)
+        out = teacher_targets(self.teacher, views_vchw, mask_vn, full_view=self.cfg.view.teacher_view == "full",
+                              amp=self.amp)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.teacher_seconds += time.perf_counter() - start
-        tokens = tokens.float()
-        weights = valid.unsqueeze(-1).float()
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return tokens, valid, torch.nn.functional.normalize(pooled, dim=-1)
+        return out
 
     def rows_for(self, prepared: list[Prepared], buffer: ShardBuffer) -> None:
         """Run the teacher on a batch and put every view's row into the shard buffer."""

@@ -139,3 +139,25 @@ def test_yaml_config_with_cli_override(f32_cache, photo_tars, tmp_path):
     assert invoke(["run", "--config", str(cfg), "--out", str(run), "--epochs", "1"]).exit_code == 0
     saved = (run / "config.yaml").read_text()
     assert "epochs: 1\n" in saved and "student: resnet18\n" in saved
+
+
+def test_online_teacher_gives_the_cached_targets(f32_cache, photo_tars, tmp_path):
+    """A live teacher on the same views yields what the cache holds; training runs without a cache."""
+    from hgkd.distill.config import DistillConfig
+    from hgkd.distill.targets import CachedTargets, OnlineTargets
+
+    common = dict(data=[photo_tars], out=str(tmp_path / "r"), seed=0, img_size=64, mask_ratio=0.5)
+    online = OnlineTargets(DistillConfig(**common, online_teacher="mae_vit_tiny_patch16"), torch.device("cpu"))
+    cached = CachedTargets(DistillConfig(**common, cache=f32_cache), torch.device("cpu"))
+    cache = FeatureCache.open(f32_cache)
+    rows = [0, 2, 4]  # view 0 of samples 0..2: online mode draws view k = 0 with the same seed
+    want = cached.dataset[rows]
+    got = online.complete(online.dataset[[0, 1, 2]])
+    assert torch.equal(got.images, want.images) and torch.equal(got.visible, want.visible)
+    torch.testing.assert_close(got.tokens, want.tokens, atol=1e-5, rtol=0)
+    assert cache.meta.view["views_per_image"] == 2
+    run = tmp_path / "online"
+    result = invoke(["run", "--online-teacher", "mae_vit_tiny_patch16", "--img-size", "64", "--mask-ratio", "0.5",
+                     *distill_args(f32_cache, photo_tars, str(run), "--epochs", "1")[3:]])
+    assert result.exit_code == 0, result.output
+    assert len(read_metrics(run)) == 12 // 8
