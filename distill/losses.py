@@ -37,8 +37,13 @@ def pearson(x_bl: Tensor, y_bl: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def similarity_loss(teacher_pool_bd: Tensor, student_pool_bd: Tensor, queue_ld: Tensor, tau: float) -> Tensor:
-    """L_sim = 1 - pearson(p_t, p_s) with p = softmax(cos(x, Q) / tau) over the queue."""
-    queue = F.normalize(queue_ld.to(student_pool_bd.dtype), dim=-1)
-    p_t = F.softmax(F.normalize(teacher_pool_bd, dim=-1) @ queue.T / tau, dim=-1)
+    """L_sim = 1 - pearson(p_t, p_s) with p = softmax(cos(x, Q) / tau) over the queue.
+
+    ``queue_ld`` rows must be L2-normalised (``MemoryQueue`` stores them so); the teacher
+    side carries no gradient.
+    """
+    queue = queue_ld.to(student_pool_bd.dtype)
+    with torch.no_grad():
+        p_t = F.softmax(F.normalize(teacher_pool_bd, dim=-1) @ queue.T / tau, dim=-1)
     p_s = F.softmax(F.normalize(student_pool_bd, dim=-1) @ queue.T / tau, dim=-1)
     return (1.0 - pearson(p_t, p_s)).mean()

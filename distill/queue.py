@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 class MemoryQueue(nn.Module):
-    """Ring buffer of L2-normalised embeddings (length x dim); ``filled`` rows are valid."""
+    """Ring buffer of L2-normalised embeddings (length x dim); ``filled`` rows are valid.
+
+    Rows are normalised once on entry, so the loss never re-normalises 50k rows per step.
+    """
 
     def __init__(self, length: int, dim: int) -> None:
         super().__init__()
@@ -29,7 +33,7 @@ class MemoryQueue(nn.Module):
             parts = [torch.empty_like(embeddings_bd) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, embeddings_bd.contiguous())
             embeddings_bd = torch.cat(parts)
-        embeddings_bd = embeddings_bd.detach().to(self.embeddings_ld.dtype)[-self.length :]
+        embeddings_bd = F.normalize(embeddings_bd.detach().to(self.embeddings_ld.dtype)[-self.length :], dim=-1)
         n = embeddings_bd.shape[0]
         rows = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.length
         self.embeddings_ld[rows] = embeddings_bd

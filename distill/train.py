@@ -103,6 +103,7 @@ class Trainer:
         self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=self.device).view(1, 3, 1, 1) * 255
         self.epoch, self.next_batch, self.global_step = 0, 0, 0
+        self._loader: DataLoader | None = None
         if resume:
             self._restore(load_checkpoint(self.run_dir / "checkpoints" / LAST))
         else:
@@ -172,9 +173,14 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------
     def loader(self) -> DataLoader:
-        return DataLoader(self.dataset, sampler=self.sampler, batch_size=None, num_workers=self.cfg.workers,
-                          collate_fn=_as_is, pin_memory=self.device.type == "cuda",
-                          persistent_workers=False)
+        """One loader for the whole run: workers persist across epochs (the batch sampler
+        runs in this process, so ``set_epoch`` still takes effect)."""
+        if self._loader is None:
+            self._loader = DataLoader(self.dataset, sampler=self.sampler, batch_size=None,
+                                      num_workers=self.cfg.workers, collate_fn=_as_is,
+                                      pin_memory=self.device.type == "cuda",
+                                      persistent_workers=self.cfg.workers > 0)
+        return self._loader
 
     def fit(self, stop_after_steps: int | None = None) -> list[dict[str, float]]:
         """Train to ``cfg.epochs`` (or for ``stop_after_steps`` steps); returns per-step metrics."""

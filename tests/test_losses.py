@@ -20,7 +20,7 @@ def fixed_tensors():
     s = t + 0.3 * torch.randn(3, 5, 8, generator=g, dtype=torch.float64)
     valid = torch.rand(3, 5, generator=g) > 0.3
     valid[:, 0] = True
-    queue = torch.randn(7, 8, generator=g, dtype=torch.float64)
+    queue = torch.nn.functional.normalize(torch.randn(7, 8, generator=g, dtype=torch.float64), dim=-1)
     return t, s, valid, queue
 
 
@@ -87,14 +87,16 @@ def test_regression_fixture():
 
 def test_queue_is_fifo_with_wraparound_and_enqueue_first():
     q = MemoryQueue(length=5, dim=2)
-    first = torch.arange(6.0).view(3, 2)
-    q.push(first)
+    first = torch.nn.functional.normalize(torch.arange(6.0).view(3, 2) + 1, dim=-1)
+    q.push(first * 3)  # stored normalised
     assert int(q.filled) == 3
     torch.testing.assert_close(q.contents(), first)
-    second = torch.arange(6.0, 14.0).view(4, 2)  # 3 + 4 > 5: wraps, oldest two overwritten
+    second = torch.nn.functional.normalize(torch.arange(6.0, 14.0).view(4, 2), dim=-1)  # 3 + 4 > 5: wraps
     q.push(second)
     assert int(q.filled) == 5 and int(q.ptr) == 2
-    rows = {tuple(r.tolist()) for r in q.contents()}
-    assert rows == {tuple(r.tolist()) for r in torch.cat([first[2:], second])}
-    q.push(torch.arange(100.0, 114.0).view(7, 2))  # batch larger than the queue keeps its newest 5
-    assert {tuple(r.tolist()) for r in q.contents()} == {(104.0 + 2 * i, 105.0 + 2 * i) for i in range(5)}
+    # slots 0-2 held first[0..2]; second fills slots 3, 4, 0, 1: only first[2] survives
+    torch.testing.assert_close(q.contents(), torch.stack([second[2], second[3], first[2], second[0], second[1]]))
+    big = torch.nn.functional.normalize(torch.arange(100.0, 114.0).view(7, 2), dim=-1)
+    q.push(big)  # a batch larger than the queue keeps its newest 5
+    got = torch.tensor(sorted(map(tuple, q.contents().tolist())))
+    torch.testing.assert_close(got, torch.tensor(sorted(map(tuple, big[2:].tolist()))))
