@@ -106,6 +106,8 @@ class Trainer:
         self._loader: DataLoader | None = None
         if resume:
             self._restore(load_checkpoint(self.run_dir / "checkpoints" / LAST))
+        elif (self.run_dir / "checkpoints" / LAST).exists():
+            raise HgkdError(f"--out {self.run_dir} already holds a run; continue it with --resume or use a new --out")
         else:
             self._prefill_queue()
         self.scheduler.step_update(self.global_step)

@@ -131,6 +131,15 @@ def test_bad_inputs_are_one_line_errors(f32_cache, photo_tars, tmp_path):
     assert result.returncode == 2 and "no checkpoint there" in result.stderr
 
 
+def test_new_run_over_an_existing_one_is_refused(f32_cache, photo_tars, tmp_path):
+    run = tmp_path / "run"
+    assert invoke(distill_args(f32_cache, photo_tars, str(run), "--epochs", "1", "--warmup-epochs", "0")).exit_code == 0
+    before = (run / "metrics.csv").read_text()
+    result = subprocess_cli(distill_args(f32_cache, photo_tars, str(run), "--epochs", "1", "--warmup-epochs", "0"))
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (run / "metrics.csv").read_text() == before
+
+
 def test_yaml_config_with_cli_override(f32_cache, photo_tars, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"cache: {f32_cache}\ndata: ['{photo_tars}']\nstudent: resnet18\nsparse-backend: {BACKEND}\n"
