@@ -1,9 +1,28 @@
 """The one exception type for mistakes a user can fix (bad option, bad file, wrong checkpoint).
 
-The CLIs turn it into a single line on stderr and exit code 2; anything else is a bug and
-keeps its traceback.
+The CLIs turn it into a single line on stderr and exit code 2 (``user_errors``); anything
+else is a bug and keeps its traceback.
 """
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from typing import Any, Callable
 
 
 class HgkdError(Exception):
     """A user-facing error: the message names the file/option and says what to do."""
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """CLI decorator: HgkdError -> ``error: <message>`` on stderr, exit code 2, no traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HgkdError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

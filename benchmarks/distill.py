@@ -143,7 +143,7 @@ def main() -> None:
         "step_img_per_s": steps, "encoder_fwd_bwd_seconds": backends, "queue": queue,
         "goals": {"P2_cache_vs_student_only": {"value": ratio, "goal": 0.95, "met": ratio >= 0.95}},
     }
-    print(f"step img/s: " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
+    print("step img/s: " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
           + f"; cache/student-only {ratio:.3f} (goal >= 0.95)")
     for ratio_key in ("0.6", "0.75"):
         dense = backends[f"dense@{ratio_key}"]

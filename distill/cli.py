@@ -2,29 +2,13 @@
 from __future__ import annotations
 
 import logging
-import sys
-from functools import wraps
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
-from ..errors import HgkdError
+from ..errors import HgkdError, user_errors
 from .config import SPARSE_BACKENDS, DistillConfig, load_yaml
-
-
-def user_errors(fn):
-    """HgkdError -> one line on stderr, exit code 2."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except HgkdError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group()

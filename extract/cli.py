@@ -4,29 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from functools import wraps
 
 import click
 
-from ..errors import HgkdError
+from ..errors import user_errors
 from ..storage.cache import FeatureCache
 from ..storage.codecs import COMPRESSORS, TOKEN_CODECS, CodecSpec
 from ..storage.verify import verify_cache
 from .views import ViewConfig
-
-
-def user_errors(fn):
-    """Turn HgkdError into one line on stderr and exit code 2 (no traceback)."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except HgkdError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group()

@@ -20,7 +20,7 @@ from hgkd.distill.cli import main as distill_cli
 from hgkd.distill.data import CacheViewDataset
 from hgkd.storage.cache import FeatureCache
 
-from conftest import extract_args, run_cli
+
 
 BACKEND = "masked"  # the ME backend is proven equal to it in test_students.py
 
