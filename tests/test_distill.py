@@ -25,9 +25,9 @@ from hgkd.storage.cache import FeatureCache
 BACKEND = "masked"  # the ME backend is proven equal to it in test_students.py
 
 
-def distill_args(cache: str, data: str, out: str, *extra: str) -> list[str]:
+def distill_args(cache: str, data: str, out: str, *extra: str, backend: str = BACKEND) -> list[str]:
     return ["run", "--cache", cache, "--data", data, "--out", out, "--student", "resnet18",
-            "--sparse-backend", BACKEND, "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1",
+            "--sparse-backend", backend, "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1",
             "--queue-size", "16", "--decoder-width", "64", "--workers", "0", *extra]
 
 
@@ -56,9 +56,10 @@ def test_dataset_batches_are_the_teachers_views_and_tokens(f32_cache, photo_tars
     assert batch.visible.shape == (3, 4, 4) and (batch.visible.sum((1, 2)) == 8).all()
 
 
-def test_distill_runs_logs_and_exports_a_dense_timm_resnet(f32_cache, photo_tars, tmp_path):
+@pytest.mark.parametrize("backend", ["minkowski", "masked"])
+def test_distill_runs_logs_and_exports_a_dense_timm_resnet(f32_cache, photo_tars, tmp_path, backend):
     run = tmp_path / "run"
-    result = invoke(distill_args(f32_cache, photo_tars, str(run)))
+    result = invoke(distill_args(f32_cache, photo_tars, str(run), backend=backend))
     assert result.exit_code == 0, result.output
     losses = read_metrics(run)
     assert sorted(losses) == list(range(1, 7)) and all(np.isfinite(list(losses.values())))

@@ -88,6 +88,11 @@ def test_student_side_view_is_pixel_identical_to_teacher_input(photo_tars, tmp_p
         params = ViewParams(tuple(data["crop"][row]), bool(data["flip"][row]), data["mask"][row].reshape(4, 4))
         assert torch.equal(render_view(images[data["key"][row]], params, view_cfg), teacher_saw[row])
     assert data["flip"].any() and not data["flip"].all()  # both branches exercised
+    from hgkd.distill.data import CacheViewDataset
+
+    batch = CacheViewDataset(out, [photo_tars])[list(range(cache.num_views))]  # stage two's loader
+    assert torch.equal(batch.images, teacher_saw)
+    assert torch.equal(batch.visible.flatten(1), torch.from_numpy(~data["mask"]))
 
 
 def test_plain_zarr_open_reads_the_cache(f32_cache):
