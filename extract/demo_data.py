@@ -48,3 +48,32 @@ def write_demo_shards(out_dir: str | Path, num_shards: int = 2) -> str:
                 label = shard * per_shard + i
                 sink.write({"__key__": f"skimage/{name}", "jpg": _jpeg(_load(name)), "cls": str(label)})
     return str(out / f"demo-{{000..{num_shards - 1:03d}}}.tar")
+
+
+def write_digits_shards(out_dir: str | Path, img_size: int = 64, test_fraction: float = 0.25,
+                        per_shard: int = 512, seed: int = 0, max_images: int | None = None) -> tuple[str, str]:
+    """scikit-learn's bundled handwritten digits (1,797 labelled 8x8 scans) as RGB PNGs.
+
+    Upsampled to ``img_size``; a fixed stratified-by-shuffle split. Returns the brace
+    patterns of the train and test shards (``digits-train-*.tar``, ``digits-test-*.tar``).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(images))[:max_images]
+    n_test = int(round(test_fraction * len(order)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    patterns = []
+    for split, idx in (("train", order[n_test:]), ("test", order[:n_test])):
+        n_shards = -(-len(idx) // per_shard)
+        for s in range(n_shards):
+            with wds.TarWriter(str(out / f"digits-{split}-{s:03d}.tar")) as sink:
+                for i in idx[s * per_shard : (s + 1) * per_shard]:
+                    big = Image.fromarray(images[i]).resize((img_size, img_size), Image.BICUBIC).convert("RGB")
+                    buf = io.BytesIO()
+                    big.save(buf, format="PNG")
+                    sink.write({"__key__": f"digits/{i:04d}", "png": buf.getvalue(), "cls": str(int(digits.target[i]))})
+        patterns.append(str(out / f"digits-{split}-{{000..{n_shards - 1:03d}}}.tar"))
+    return patterns[0], patterns[1]

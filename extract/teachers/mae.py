@@ -103,3 +103,9 @@ def mae_vit_tiny_patch16(img_size: int = 224, **kwargs: Any) -> MaeTeacher:
     """Tiny MAE-style ViT for tests and demos: dim 64, depth 2, 2 heads, MLP ratio 2."""
     return _build(img_size, dict(patch_size=16, embed_dim=64, depth=2, num_heads=2,
                                  mlp_ratio=2.0), kwargs)
+
+
+@register_teacher
+def mae_vit_mini_patch16(img_size: int = 224, **kwargs: Any) -> MaeTeacher:
+    """Demo-size MAE ViT (dim 128, depth 4, 4 heads): pre-trainable on CPU in about a minute."""
+    return _build(img_size, dict(patch_size=16, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0), kwargs)

@@ -1,0 +1,106 @@
+"""Pipeline files: one cache, N distillation variants, their evaluations (YAML).
+
+```yaml
+name: ablation_table5
+out: runs/table5
+data: ['/data/imagenet/train-{0000..0255}.tar']      # what the teacher and students see
+teacher: {name: cae_large_patch16, checkpoint: /ckpt/cae_large_1600ep.pth}
+cache: {mask_ratio: 0.6, views_per_image: 1}        # hgkd-extract run options
+distill: {student: resnet50, epochs: 100}           # hgkd-distill run options, for every variant
+eval: {train: [...], test: [...], tasks: [knn, linear], img_size: 224}
+variants:
+  - {name: full, seed: 0}
+  - {name: wo_unet, unet: false, seed: 0}
+  - {name: scratch, scratch: true}                  # untrained student: the floor
+```
+``--set section.key=value`` overrides any entry from the command line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import HgkdError
+
+EVAL_TASKS = ("knn", "linear", "mlp", "finetune")
+
+
+@dataclass
+class EvalSpec:
+    train: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+    test_fraction: float = 0.25  # used when no test set is given
+    tasks: list[str] = field(default_factory=lambda: ["knn", "mlp"])
+    img_size: int = 224
+    options: dict[str, Any] = field(default_factory=dict)  # per-task options, e.g. {finetune: {epochs: 5}}
+
+
+@dataclass
+class PipelineSpec:
+    name: str
+    out: str
+    data: list[str]
+    teacher: dict[str, Any]
+    variants: list[dict[str, Any]]
+    cache: dict[str, Any] = field(default_factory=dict)
+    distill: dict[str, Any] = field(default_factory=dict)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    source: str = "<spec>"
+
+    def __post_init__(self) -> None:
+        names = [v.get("name") for v in self.variants]
+        if not names or not all(names) or len(set(names)) != len(names):
+            raise HgkdError(f"{self.source}: every variant needs a unique 'name' (got {names})")
+        bad = [t for t in self.eval.tasks if t not in EVAL_TASKS]
+        if bad:
+            raise HgkdError(f"{self.source}: unknown eval tasks {bad}; choose from {list(EVAL_TASKS)}")
+        if "name" not in self.teacher:
+            raise HgkdError(f"{self.source}: 'teacher' needs a 'name' (a registered teacher)")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+
+def _apply_override(blob: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep:
+        raise HgkdError(f"--set {assignment!r}: expected section.key=value")
+    node = blob
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
+    """Read and validate a pipeline file; one clear line for any problem."""
+    try:
+        blob = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise HgkdError(f"{path}: cannot read the pipeline file ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise HgkdError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(blob, dict):
+        raise HgkdError(f"{path}: a pipeline file is a mapping with name, out, data, teacher, variants")
+    for assignment in overrides:
+        _apply_override(blob, assignment)
+    return spec_from_dict(blob, source=path)
+
+
+def spec_from_dict(blob: dict[str, Any], source: str = "<spec>") -> PipelineSpec:
+    known = {f.name for f in fields(PipelineSpec)} - {"source"}
+    unknown = sorted(set(blob) - known)
+    missing = sorted({"name", "out", "data", "teacher", "variants"} - set(blob))
+    if unknown or missing:
+        raise HgkdError(f"{source}: " + "; ".join(
+            ([f"unknown keys {unknown}"] if unknown else []) + ([f"missing keys {missing}"] if missing else [])))
+    eval_blob = blob.get("eval") or {}
+    eval_unknown = sorted(set(eval_blob) - {f.name for f in fields(EvalSpec)})
+    if eval_unknown:
+        raise HgkdError(f"{source}: unknown eval keys {eval_unknown}")
+    data = blob["data"] if isinstance(blob["data"], list) else [blob["data"]]
+    return PipelineSpec(**{**blob, "data": data, "eval": EvalSpec(**eval_blob)}, source=source)
