@@ -83,5 +83,20 @@ def export(run_dir: str, out: str) -> None:
     click.echo(f"{out}: timm '{arch}' weights (load with timm.create_model('{arch}', num_classes=0))")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--cache", required=True, help="Cache of held-out views from the same teacher.")
+@click.option("--data", multiple=True, required=True, help="The data that cache was made from.")
+@click.option("--max-views", type=int, default=None)
+@user_errors
+def fidelity(run_dir: str, cache: str, data: tuple[str, ...], max_views: int | None) -> None:
+    """Token cosine and relative MSE of the student's output against the teacher's tokens."""
+    from .fidelity import fidelity as measure
+
+    result = measure(Path(run_dir), cache, list(data), max_views=max_views)
+    click.echo(f"{run_dir}: token cosine {result['token_cosine']:.4f}, relative MSE {result['relative_mse']:.4f} "
+               f"over {result['views']} views ({result['tokens']} tokens)")
+
+
 if __name__ == "__main__":
     main()

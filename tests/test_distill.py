@@ -171,3 +171,16 @@ def test_online_teacher_gives_the_cached_targets(f32_cache, photo_tars, tmp_path
                      *distill_args(f32_cache, photo_tars, str(run), "--epochs", "1")[3:]])
     assert result.exit_code == 0, result.output
     assert len(read_metrics(run)) == 12 // 8
+
+
+def test_fidelity_report_improves_with_training(f32_cache, photo_tars, tmp_path):
+    from hgkd.distill.fidelity import fidelity
+
+    short, longer = tmp_path / "short", tmp_path / "long"
+    invoke(distill_args(f32_cache, photo_tars, str(short), "--epochs", "1", "--warmup-epochs", "0", "--lr", "3e-3"))
+    invoke(distill_args(f32_cache, photo_tars, str(longer), "--epochs", "12", "--warmup-epochs", "0", "--lr", "3e-3"))
+    a, b = fidelity(short, f32_cache, [photo_tars]), fidelity(longer, f32_cache, [photo_tars])
+    assert a["views"] == b["views"] == 24 and a["tokens"] == b["tokens"] == 24 * 8  # MAE: visible tokens only
+    assert b["relative_mse"] < a["relative_mse"] and b["token_cosine"] > a["token_cosine"]
+    result = subprocess_cli(["fidelity", str(longer), "--cache", f32_cache, "--data", photo_tars])
+    assert result.returncode == 0 and "token cosine" in result.stdout

@@ -1,0 +1,48 @@
+"""How closely a trained student reproduces the teacher: token cosine and relative MSE.
+
+Measured on a cache of held-out views (e.g. extracted from a validation split with the same
+teacher and view settings), over valid teacher tokens, student in eval mode.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..errors import HgkdError
+from .checkpoint import LAST, load_checkpoint
+from .config import DistillConfig
+from .data import CacheViewDataset
+from .train import build_student
+
+
+@torch.no_grad()
+def fidelity(run_dir: Path, cache_url: str, data: list[str], batch_size: int = 64,
+             max_views: int | None = None) -> dict[str, float]:
+    """Mean token cosine and relative MSE (sum (s-t)^2 / sum t^2) of the run's student."""
+    ckpt = load_checkpoint(run_dir / "checkpoints" / LAST)
+    cfg = DistillConfig.from_dict(ckpt["config"], source=str(run_dir))
+    dataset = CacheViewDataset(cache_url, data)
+    meta = dataset.cache.meta.teacher
+    model = build_student(cfg, int(meta["embed_dim"]), int(meta["patch_size"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise HgkdError(f"--cache {cache_url}: its teacher ({meta['name']}, dim {meta['embed_dim']}) is not the one "
+                        f"{run_dir} was trained on") from None
+    model.eval()
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
+    rows = dataset.ok_rows[:max_views]
+    cos_sum, n_tokens, err_sum, ref_sum = 0.0, 0, 0.0, 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = dataset[rows[start : start + batch_size].tolist()]
+        out = model((batch.images.float() - mean) / std, batch.visible).float()
+        valid = batch.valid
+        cos_sum += torch.nn.functional.cosine_similarity(out[valid], batch.tokens[valid], dim=-1).sum().item()
+        n_tokens += int(valid.sum())
+        err_sum += (out[valid] - batch.tokens[valid]).pow(2).sum().item()
+        ref_sum += batch.tokens[valid].pow(2).sum().item()
+    return {"token_cosine": cos_sum / max(n_tokens, 1), "relative_mse": err_sum / max(ref_sum, 1e-12),
+            "views": len(rows), "tokens": n_tokens}
