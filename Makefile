@@ -12,14 +12,11 @@ $(STAMP): setup.cfg pyproject.toml .ci/install.sh
 
 install: $(STAMP)
 
-# Main job on the embedded default: scikit-image's photos -> tiny CAE teacher -> cache ->
-# verify -> sparse ResNet-18 student (MinkowskiEngine) -> dense timm weights.
+# Main job on the embedded default (scikit-learn's digits, shipped in the package): a mini
+# MAE teacher pre-trained on them -> cache -> H-GKD sparse ResNet-18 and a no-distillation
+# ResNet-18 -> kNN / MLP probe / fine-tune -> table + plot in demo-out/.
 demo: $(STAMP)
-	rm -rf demo-out demo-out.locks
-	$(VENV)/bin/hgkd-extract demo --out demo-out
-	$(VENV)/bin/hgkd-distill run --cache demo-out/cache.zarr --data 'demo-out/data/demo-{000..001}.tar' \
-	    --out demo-out/run --student resnet18 --epochs 3 --warmup-epochs 1 --batch-size 16 --queue-size 256
-	$(VENV)/bin/hgkd-distill export demo-out/run --out demo-out/student-resnet18.safetensors
+	$(VENV)/bin/hgkd-pipeline demo --out demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Iterator
@@ -266,7 +267,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
     written: list[int] = []
     start = time.perf_counter()
     samples = iter(source)
-    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool, _storage_errors(cfg.out, writer):
         for shard in range(cache.num_shards):
             shard_samples = islice(samples, samples_per_shard)
             lock = _claim(cache, shard, cfg)
@@ -281,7 +282,6 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
             record = _record(buffer, cache)
             writer.submit(buffer, record, lock or None)
             written.append(shard)
-    writer.close()
     bar.close()
     complete = cache.finalize()
     seconds = time.perf_counter() - start
@@ -289,6 +289,17 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
     log.info("wrote %d shards (%d views) in %.1fs, %.0f%% of it in the teacher forward; cache complete: %s",
              len(written), views, seconds, 100 * extractor.teacher_seconds / max(seconds, 1e-9), complete)
     return ExtractReport(cache, written, views, seconds, extractor.teacher_seconds, complete)
+
+
+@contextmanager
+def _storage_errors(out: str, writer: BackgroundWriter) -> Iterator[None]:
+    """Disk full / quota / I/O errors -> one clear line; the failed shard stays unrecorded."""
+    try:
+        yield
+        writer.close()
+    except OSError as err:
+        raise HgkdError(f"--out {out}: writing the cache failed ({err.strerror or err}); free space or fix "
+                        "the storage, then re-run the same command to resume") from None
 
 
 def _prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[Sample]], view_cfg: ViewConfig) -> Iterator[list[Prepared]]:

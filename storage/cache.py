@@ -11,6 +11,7 @@ each array once per shard, and only then records the shard as complete in
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -144,7 +145,9 @@ class FeatureCache:
 
     # ---- completion records -------------------------------------------------------------
     def completed_shards(self) -> set[int]:
-        return {int(name) for name in self.group[SHARDS_GROUP].group_keys()}
+        with warnings.catch_warnings():  # a writer killed mid-record leaves an empty folder: not complete
+            warnings.filterwarnings("ignore", "Object at .* is not recognized", category=UserWarning)
+            return {int(name) for name in self.group[SHARDS_GROUP].group_keys()}
 
     def shard_record(self, shard: int) -> dict[str, Any] | None:
         try:
