@@ -24,6 +24,7 @@ from ..extract.data import IMAGE_EXTS, DataSource, open_source
 from ..extract.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
 from ..storage.cache import STATUS_OK, FeatureCache
 from ..storage.codecs import decode_tokens
+from ..storage.reader import ShardReader
 
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator default
 
@@ -109,8 +110,9 @@ class CacheViewDataset(Dataset):
         self.view_cfg = ViewConfig.from_json(cache.meta.view)
         self.grid = tuple(cache.meta.teacher["grid"])
         self.source = RandomAccessSource(source)
-        self.ok_rows = np.flatnonzero(cache.read(range(cache.num_views), ["status"])["status"] == STATUS_OK)
         self._cache: FeatureCache | None = None
+        self._reader: ShardReader | None = None
+        self.ok_rows = np.flatnonzero(self.reader.read(np.arange(cache.num_views), ["status"])["status"] == STATUS_OK)
 
     @property
     def cache(self) -> FeatureCache:
@@ -118,8 +120,15 @@ class CacheViewDataset(Dataset):
             self._cache = FeatureCache.open(self.cache_url)
         return self._cache
 
+    @property
+    def reader(self) -> ShardReader:
+        """Direct shard reader (cached shard indexes, Zarr's codecs): thousands of views/s."""
+        if self._reader is None:
+            self._reader = self.cache.reader(threads=1)
+        return self._reader
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": None}
+        return {**self.__dict__, "_cache": None, "_reader": None}
 
     def __len__(self) -> int:
         return len(self.ok_rows)
@@ -128,7 +137,7 @@ class CacheViewDataset(Dataset):
         rows_sorted = np.sort(np.asarray(rows, dtype=np.int64))
         cache = self.cache
         names = ["tokens", *cache.codec.aux_arrays(1, 1), "valid", "pooled", "mask", "crop", "flip", "index", "key"]
-        raw = cache.read(rows_sorted, names)
+        raw = self.reader.read(rows_sorted, names)
         images = []
         for i, index in enumerate(raw["index"]):
             data = self.source.read(int(index))

@@ -34,7 +34,7 @@ class CachedTargets:
     def prefill(self, n: int, seed: int) -> torch.Tensor:
         """Pooled teacher embeddings of ``n`` random cached views (queue pre-fill)."""
         rows = np.sort(np.random.default_rng(seed).choice(self.dataset.ok_rows, size=n, replace=False))
-        return torch.from_numpy(self.cache.read(rows, ["pooled"])["pooled"].astype(np.float32))
+        return torch.from_numpy(self.dataset.reader.read(rows, ["pooled"])["pooled"].astype(np.float32))
 
     def complete(self, batch: Batch) -> Batch:
         return batch

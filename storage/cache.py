@@ -196,6 +196,16 @@ class FeatureCache:
         wanted = list(names) if names is not None else list(self.arrays)
         return {name: self.group[name].get_orthogonal_selection((idx,)) for name in wanted}
 
+    def reader(self, threads: int = 2):
+        """A :class:`~hgkd.storage.reader.ShardReader` on this cache (fast path for complete shards).
+
+        ``read`` goes through zarr-python (tens of views/s for ViT-sized rows); training and
+        anything reading many rows should use this instead.
+        """
+        from .reader import ShardReader  # reader builds on this module
+
+        return ShardReader(self, threads=threads)
+
     def read_tokens(self, rows: Iterable[int]) -> torch.Tensor:
         """Decoded float32 teacher tokens (B, N, C) for the given rows."""
         names = ["tokens", *self.codec.aux_arrays(1, 1)]

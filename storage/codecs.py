@@ -98,8 +98,8 @@ def decode_tokens(arrays: dict[str, np.ndarray], spec: CodecSpec) -> torch.Tenso
     if spec.codec == "bf16":
         bits = torch.from_numpy(np.ascontiguousarray(stored).view(np.int16))
         return bits.view(torch.bfloat16).float()
-    x = torch.from_numpy(np.ascontiguousarray(stored)).float()
-    x = x * (torch.from_numpy(arrays["token_scale"]).float() / _INT8_MAX).unsqueeze(-1)
+    x = torch.from_numpy(np.ascontiguousarray(stored)).float()  # a new tensor: scale it in place
+    x.mul_((torch.from_numpy(arrays["token_scale"]).float() / _INT8_MAX).unsqueeze(-1))
     if spec.codec == "int8ct":
-        x = x * torch.from_numpy(arrays["channel_scale"]).float().unsqueeze(1)
+        x.mul_(torch.from_numpy(arrays["channel_scale"]).float().unsqueeze(1))
     return x

@@ -1,0 +1,256 @@
+"""P2b: the cache reader alone - random batches of 64 views/s, zarr-python vs ``ShardReader``.
+
+Run: ``.venv/bin/python benchmarks/reader.py [--views 4096] [--quick]``.
+Builds caches of ViT-L-sized synthetic tokens (196x1024: low rank + noise + a few outlier
+channels, encoded with ``storage.codecs.encode_tokens``) through ``FeatureCache.create`` +
+``write_shard`` - no teacher runs - for the default codec (int8ct/lz4) and bf16/lz4. Arms,
+measured as medians of interleaved repeats on the same random batches:
+- ``zarr``: ``FeatureCache.read`` (zarr-python's ``get_orthogonal_selection``);
+- ``reader-1t`` / ``reader-2t``: ``ShardReader`` with 1 or 2 decode threads, warm (indexes and
+  small-array chunks kept from earlier batches);
+- ``reader-2t-lru0``: no decoded small-array chunks kept, as when a cache has far more
+  shards than the LRU holds and batches are fully random (ImageNet-sized caches);
+- ``*-reopen``: a new reader per repeat (index and chunk caches dropped, page cache warm);
+- ``*-cold``: as reopen, and the cache's files dropped from the OS page cache first
+  (``posix_fadvise(DONTNEED)``), so bytes come from the disk;
+- ``loader-Nw``: a DataLoader with N worker processes, each reading through its own
+  (pickled) ``ShardReader``, batches handed to the main process as tensors.
+"targets" reads what training needs per view (``tokens`` + the codec's scale arrays, what
+``read_tokens`` decodes); "all" reads every array ``distill.data.CacheViewDataset`` reads.
+Writes ``benchmarks/results/reader.json`` with machine info and a ``goals`` object.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+from zarr.core.sync import sync
+
+from hgkd.storage.cache import STATUS_OK, FeatureCache
+from hgkd.storage.codecs import CodecSpec, encode_tokens
+from hgkd.storage.metadata import CacheMeta
+from hgkd.storage.reader import ShardReader
+
+GOAL = 4000
+LOADER_NAMES = ["valid", "pooled", "mask", "crop", "flip", "index", "key"]  # besides the token arrays
+
+
+def synthetic_tokens(n: int, n_tok: int, dim: int, seed: int, rank: int = 48) -> torch.Tensor:
+    """ViT-like tokens: a shared low-rank basis, spatially smooth coefficients, noise, outliers."""
+    basis = torch.randn(rank, dim, generator=torch.Generator().manual_seed(1234)) / rank**0.5
+    g = torch.Generator().manual_seed(seed)
+    side = int(round(n_tok**0.5))
+    coeff = torch.randn(n, rank, side, side, generator=g)
+    coeff = torch.nn.functional.avg_pool2d(coeff, 3, stride=1, padding=1, count_include_pad=False)
+    x = coeff.flatten(2).transpose(1, 2) @ basis * 2.0 + 0.25 * torch.randn(n, n_tok, dim, generator=g)
+    x[..., :3] = x[..., :3] * 40 + 20  # a few huge channels, as pretrained ViTs have
+    return x
+
+
+def build_cache(url: str, codec: str, views: int, shard_views: int, n_tok: int, dim: int) -> FeatureCache:
+    storage = dict(codec=codec, compressor="lz4", clevel=5, shard_views=shard_views, num_views=views,
+                   num_tokens=n_tok, dim=dim)
+    meta = CacheMeta(teacher={"name": "synthetic-vit-l", "embed_dim": dim}, view={"views_per_image": 1},
+                     dataset={"kind": "synthetic"}, storage=storage)
+    cache = FeatureCache.create(url, meta)
+    spec, rng = CodecSpec(codec, "lz4", 5), np.random.default_rng(0)
+    for shard in range(cache.num_shards):
+        span = cache.shard_rows(shard)
+        n = len(span)
+        tokens = synthetic_tokens(n, n_tok, dim, seed=shard)
+        rows = encode_tokens(tokens, spec)
+        pooled = torch.nn.functional.normalize(tokens.mean(1), dim=1)
+        mask = rng.random((n, n_tok)) < 0.6
+        rows.update(pooled=pooled.half().numpy(), mask=mask, valid=~mask,
+                    key=np.array([f"img/{i:08d}" for i in span], dtype=object),
+                    index=np.arange(span.start, span.stop), view_index=np.zeros(n, np.int32),
+                    src_hw=np.full((n, 2), 480, np.int32), crop=rng.integers(0, 300, (n, 4)).astype(np.int32),
+                    flip=rng.random(n) < 0.5, label=rng.integers(0, 1000, n).astype(np.int32),
+                    status=np.full(n, STATUS_OK, np.uint8))
+        cache.write_shard(shard, rows, {"num_ok": n, "num_skipped": 0, "settings": meta.fingerprint()})
+    cache.finalize()
+    return cache
+
+
+def drop_page_cache(root: str) -> None:
+    """Evict the cache's files from the OS page cache (clean pages; no root needed)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def zarr_rows(cache: FeatureCache, names: list[str]) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """zarr-python at its best here: one concurrent single-row getitem per row, gathered in one call."""
+    arrays = {name: cache.group[name]._async_array for name in names}
+
+    async def gather(rows: np.ndarray) -> list[list]:
+        return await asyncio.gather(*(asyncio.gather(*(a.getitem(slice(r, r + 1)) for r in rows.tolist()))
+                                      for a in arrays.values()))
+
+    def read(rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(parts) for name, parts in zip(arrays, sync(gather(rows)))}
+
+    return read
+
+
+def views_per_s(read: Callable[[np.ndarray], object], batches: list[np.ndarray]) -> float:
+    start = time.perf_counter()
+    for rows in batches:
+        read(rows)
+    return sum(len(b) for b in batches) / (time.perf_counter() - start)
+
+
+class _ReaderDataset(Dataset):
+    """A DataLoader dataset: ``ds[rows]`` is one batch read through a (pickled) ShardReader."""
+
+    def __init__(self, reader: ShardReader, names: list[str]) -> None:
+        self.reader, self.names = reader, names
+
+    def __len__(self) -> int:
+        return self.reader.cache.num_views
+
+    def __getitem__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return self.reader.read(rows, self.names)
+
+
+def loader_views_per_s(cache: FeatureCache, names: list[str], batches: list[np.ndarray], workers: int,
+                       threads: int) -> float:
+    """Worker processes read and hand over batches; timed after every worker delivered one."""
+    ds = _ReaderDataset(ShardReader(cache, names, threads=threads), names)
+    loader = DataLoader(ds, batch_size=None, sampler=batches, num_workers=workers, prefetch_factor=4)
+    it = iter(loader)
+    for _ in range(workers):  # start-up (fork, first open) is not the reader's speed
+        next(it)
+    start = time.perf_counter()
+    n = 0
+    for batch in it:
+        n += len(batch["tokens"])
+    return n / (time.perf_counter() - start)
+
+
+def measure_codec(cache: FeatureCache, batches: list[np.ndarray], repeats: int) -> dict:
+    targets = ["tokens", *cache.codec.aux_arrays(1, 1)]
+    every = targets + LOADER_NAMES
+    root = cache.local_dir
+    # zarr-python arms run at tens to hundreds of views/s here: they get fewer of the same batches.
+    few, some = batches[: max(1, len(batches) // 16)], batches[: max(1, len(batches) // 4)]
+    warm = {t: ShardReader(cache, targets, threads=t) for t in (1, 2)}
+    for reader in warm.values():  # first touch of every shard: indexes, small chunks, pages
+        reader.read(np.arange(cache.num_views), every)
+
+    lru0 = ShardReader(cache, targets, threads=2, lru_shards=0)  # small-array chunks decoded every batch
+
+    def fresh(threads: int, cold: bool, names: list[str]) -> Callable[[np.ndarray], object]:
+        if cold:
+            drop_page_cache(root)
+        return ShardReader(cache, names, threads=threads).read
+
+    def cold_zarr_rows(rows_batches: list[np.ndarray]) -> float:
+        drop_page_cache(root)
+        return views_per_s(zarr_rows(cache, targets), rows_batches)
+
+    arms: dict[str, Callable[[], float]] = {
+        "targets/zarr": lambda: views_per_s(lambda r: cache.read(r, targets), few),
+        "targets/zarr-rows": lambda: views_per_s(zarr_rows(cache, targets), some),
+        "targets/reader-1t": lambda: views_per_s(warm[1].read, batches),
+        "targets/reader-2t": lambda: views_per_s(warm[2].read, batches),
+        "targets/reader-2t-lru0": lambda: views_per_s(lru0.read, batches),
+        "targets/reader-1t-reopen": lambda: views_per_s(fresh(1, False, targets), batches),
+        "targets/reader-2t-reopen": lambda: views_per_s(fresh(2, False, targets), batches),
+        "targets/zarr-rows-cold": lambda: cold_zarr_rows(some),
+        "targets/reader-2t-cold": lambda: views_per_s(fresh(2, True, targets), batches),
+        "all/zarr": lambda: views_per_s(lambda r: cache.read(r, every), few),
+        "all/zarr-rows": lambda: views_per_s(zarr_rows(cache, every), few),
+        "all/reader-2t": lambda: views_per_s(lambda r: warm[2].read(r, every), batches),
+        "read_tokens/zarr": lambda: views_per_s(cache.read_tokens, few),
+        "read_tokens/reader-2t": lambda: views_per_s(warm[2].read_tokens, some),
+        "targets/loader-1w-2t": lambda: loader_views_per_s(cache, targets, batches, 1, 2),
+        "targets/loader-2w-1t": lambda: loader_views_per_s(cache, targets, batches, 2, 1),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(repeats):  # interleaved: every arm once per repeat
+        for name, arm in arms.items():
+            runs[name].append(arm())
+    return {name: {"median": statistics.median(v), "runs": v} for name, v in runs.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--views", type=int, default=4096)
+    ap.add_argument("--shard-views", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=64, help="random batches per measurement")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--codecs", default="int8ct,bf16")
+    ap.add_argument("--quick", action="store_true", help="small cache, 1 repeat: checks the script, not the goal")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reader.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.views, args.shard_views, args.batches, args.repeats = 512, 128, 8, 1
+    n_tok, dim = 196, 1024
+    rng = np.random.default_rng(0)
+    batches = [np.sort(rng.choice(args.views, args.batch_size, replace=False)) for _ in range(args.batches)]
+    batches = [rng.permutation(b) for b in batches]  # unsorted, as a shuffling sampler gives them
+    results, load_before = {}, os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        for codec in args.codecs.split(","):
+            start = time.perf_counter()
+            cache = build_cache(str(Path(tmp) / f"{codec}.zarr"), codec, args.views, args.shard_views, n_tok, dim)
+            built = time.perf_counter() - start
+            arms = measure_codec(cache, batches, args.repeats)
+            results[codec] = {"bytes_per_view": cache.group["tokens"].nbytes_stored() / args.views,
+                              "build_s": built, "arms": arms}
+            print_table(codec, arms)
+    main_arms = results.get("int8ct", next(iter(results.values())))["arms"]
+    value = main_arms["targets/reader-2t"]["median"]
+    others = {f"{codec}/{arm}": row["arms"][f"targets/{arm}"]["median"] for codec, row in results.items()
+              for arm in ("reader-2t", "reader-2t-cold", "loader-2w-1t")}
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "zarr": zarr.__version__, "numpy": np.__version__,
+                    # other processes' load: the 2 cores are shared, so compare ratios, not absolutes
+                    "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
+        "views": args.views, "shard_views": args.shard_views, "batch_size": args.batch_size,
+        "batches_per_measurement": args.batches, "repeats": args.repeats, "tokens": [n_tok, dim],
+        "codecs": results,
+        "goals": {"P2b_reader_random_batches_64": {
+            "value": value, "goal": GOAL, "met": value >= GOAL,
+            "measure": "ShardReader, 2 threads, warm, tokens + scale arrays of int8ct/lz4, random batches of 64",
+            "other_arms": others}},
+    }
+    print(f"P2b goal: {value:,.0f} views/s (goal >= {GOAL:,})")
+    if not args.quick:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+
+
+def print_table(codec: str, arms: dict) -> None:
+    med = {name: row["median"] for name, row in arms.items()}
+    print(f"\n{codec}/lz4: random batches of views, views/s (median of repeats) and ratios on the same arrays")
+    print(f"{'arm':<28}{'views/s':>10}{'x FeatureCache.read':>21}{'x zarr-rows':>13}")
+    for name, value in med.items():
+        set_ = name.split("/")[0]
+        ratios = []
+        for ref in (f"{set_}/zarr", f"{set_}/zarr-rows" + ("-cold" if name.endswith("-cold") else "")):
+            ratios.append(f"{value / med[ref]:.2f}" if ref in med else "-")
+        print(f"{name:<28}{value:>10,.0f}{ratios[0]:>21}{ratios[1]:>13}")
+
+
+if __name__ == "__main__":
+    main()
