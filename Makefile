@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf demo-out demo-out.locks .pytest_cache

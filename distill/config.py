@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from ..config import load_mapping
 from ..errors import HgkdError
 
 SPARSE_BACKENDS = ("minkowski", "masked")
@@ -79,12 +80,5 @@ class DistillConfig:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    try:
-        blob = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise HgkdError(f"--config {path}: cannot read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise HgkdError(f"--config {path}: invalid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(blob, dict):
-        raise HgkdError(f"--config {path}: expected a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in blob.items()}
+    """``--config`` file: option names with dashes or underscores."""
+    return {k.replace("-", "_"): v for k, v in load_mapping(path, f"--config {path}").items()}

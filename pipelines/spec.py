@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..config import load_mapping
 from ..errors import HgkdError
 
 EVAL_TASKS = ("knn", "linear", "mlp", "finetune")
@@ -78,14 +79,7 @@ def _apply_override(blob: dict[str, Any], assignment: str) -> None:
 
 def load_spec(path: str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
     """Read and validate a pipeline file; one clear line for any problem."""
-    try:
-        blob = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise HgkdError(f"{path}: cannot read the pipeline file ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise HgkdError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(blob, dict):
-        raise HgkdError(f"{path}: a pipeline file is a mapping with name, out, data, teacher, variants")
+    blob = load_mapping(path, path)
     for assignment in overrides:
         _apply_override(blob, assignment)
     return spec_from_dict(blob, source=path)
