@@ -37,7 +37,7 @@ def run(pipeline_file: str, overrides: tuple[str, ...]) -> None:
 @click.option("--out", default="demo-out", show_default=True)
 @user_errors
 def demo(out: str) -> None:
-    """The whole loop on scikit-learn's digits (about 10 minutes on 2 CPU cores)."""
+    """The whole loop on scikit-learn's digits (under 15 minutes on 2 CPU cores)."""
     from .demo import demo_spec
     from .run import run_pipeline
 
