@@ -216,3 +216,15 @@ def test_user_errors_are_hgkd_errors():
     with pytest.raises(HgkdError, match="drop-path"):
         create_encoder("resnet18", backend="masked", drop_path_rate=0.1)
     create_encoder("resnet18", backend="dense", drop_path_rate=0.1)  # the dense ablation runs any timm ResNet
+
+
+def test_masked_backend_bn_with_a_single_active_site_keeps_finite_stats():
+    """Batch of one, one visible 32-px cell: stride-32 BN sees one site; running stats stay finite."""
+    torch.manual_seed(0)
+    enc = create_encoder("resnet18", backend="masked").train()
+    visible = torch.zeros(1, 2, 2, dtype=torch.bool)
+    visible[0, 0, 0] = True
+    enc.forward_features(torch.randn(1, 3, 64, 64), visible)
+    for name, buf in enc.body.named_buffers():
+        if name.endswith("running_var"):
+            assert torch.isfinite(buf).all(), name

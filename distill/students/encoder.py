@@ -167,7 +167,8 @@ class MaskedOps:
                 n = x.active_b1hw.sum()
                 with torch.no_grad():
                     running_mean.lerp_(mean_c, momentum)
-                    running_var.lerp_(var_c * n / (n - 1), momentum)  # unbiased, as F.batch_norm
+                    # unbiased, as F.batch_norm; a lone active site (n = 1) must not write inf
+                    running_var.lerp_(var_c * n / (n - 1).clamp_min(1), momentum)
         scale_c = torch.rsqrt(var_c + bn.eps)
         if bn.weight is not None:
             scale_c = scale_c * bn.weight
