@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Iterator
@@ -122,7 +122,7 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta) -> FeatureCache:
             raise HgkdError(f"--out {cfg.out}: cannot create the cache directory ({err.strerror})") from None
         if not os.access(cfg.out, os.W_OK):
             raise HgkdError(f"--out {cfg.out}: directory is not writable")
-    with creation_lock(cfg.out) if "://" not in cfg.out else _nullcontext():
+    with creation_lock(cfg.out) if "://" not in cfg.out else nullcontext():
         if not FeatureCache.exists(cfg.out):
             return FeatureCache.create(cfg.out, meta)
         cache = FeatureCache.open(cfg.out, mode="r+")
@@ -133,14 +133,6 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta) -> FeatureCache:
             "use a new --out or the original settings"
         )
     return cache
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 @dataclass
