@@ -262,7 +262,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool, _storage_errors(cfg.out, writer):
         for shard in range(cache.num_shards):
             shard_samples = islice(samples, samples_per_shard)
-            lock = _claim(cache, shard, cfg)
+            lock = _claim(cache, shard, cfg, done)
             if lock is False:
                 for _ in shard_samples:  # consume without decoding
                     pass
@@ -306,12 +306,16 @@ def _prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[Sample]], view_
         yield [f.result() for f in pending]
 
 
-def _claim(cache: FeatureCache, shard: int, cfg: ExtractConfig) -> ShardLock | None | bool:
-    """The shard's lock if this process should write it, None if no lock is needed, else False."""
-    if shard % cfg.world_size != cfg.rank or shard in cache.completed_shards():
+def _claim(cache: FeatureCache, shard: int, cfg: ExtractConfig, done_at_start: set[int]) -> ShardLock | None | bool:
+    """The shard's lock if this process should write it, None if no lock is needed, else False.
+
+    ``done_at_start`` is listed once per run; a shard finished since then is caught by its
+    own completion record, so the record folder is never re-listed per shard.
+    """
+    if shard % cfg.world_size != cfg.rank or shard in done_at_start:
         return False
-    if cache.local_dir is None:
-        return None  # remote store: disjoint --rank/--world-size shard sets keep writers apart
+    if cache.local_dir is None:  # remote store: disjoint --rank/--world-size shard sets keep writers apart
+        return None if cache.shard_record(shard) is None else False
     lock = ShardLock(cache.local_dir, shard)
     if not lock.try_acquire():
         log.info("shard %d is being written by another process; skipping it", shard)
