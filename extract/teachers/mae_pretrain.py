@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from tqdm import tqdm
