@@ -20,11 +20,16 @@ class Registry(Generic[T]):
 
     def register(self, fn: Callable[..., T]) -> Callable[..., T]:
         """Decorator: register ``fn`` under its function name."""
-        name = fn.__name__
-        if name in self._factories:
-            raise ValueError(f"{self.kind} {name!r} is registered twice")
-        self._factories[name] = fn
-        return fn
+        return self.register_as(fn.__name__)(fn)
+
+    def register_as(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator: register a factory (or class) under ``name``."""
+        def add(fn: Callable[..., T]) -> Callable[..., T]:
+            if name in self._factories:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._factories[name] = fn
+            return fn
+        return add
 
     def names(self) -> list[str]:
         return sorted(self._factories)

@@ -7,8 +7,22 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+import yaml
+
 from ..errors import HgkdError, user_errors
 from .config import SPARSE_BACKENDS, DistillConfig, load_yaml
+from .methods import METHODS
+
+
+def parse_method_opts(items: tuple[str, ...]) -> dict:
+    """``--method-opt key=value`` (repeatable); values are YAML (numbers, lists, booleans)."""
+    opts = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise HgkdError(f"--method-opt {item!r}: expected key=value, e.g. --method-opt kd_weight=1")
+        opts[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    return opts
 
 
 @click.group()
@@ -23,6 +37,15 @@ def main(verbose: bool) -> None:
 @click.option("--cache", help="Teacher cache written by 'hgkd-extract run'.")
 @click.option("--data", multiple=True, help="The data the cache was made from (same shards/folder).")
 @click.option("--out", help="Run directory (checkpoints, metrics, config).")
+@click.option("--method", type=click.Choice(METHODS.names()), default="hgkd", show_default=True,
+              help="Distillation method; all but hgkd are supervised baselines needing --teacher-classifier.")
+@click.option("--method-opt", "method_opts", multiple=True, metavar="KEY=VALUE",
+              help="A hyper-parameter of --method (repeatable), e.g. kd_weight=1 for ICD+KD.")
+@click.option("--teacher-classifier", type=click.Path(dir_okay=False),
+              help="Baselines: classifier teacher written by 'hgkd-distill teacher'.")
+@click.option("--optimizer", default="lamb", show_default=True, help="timm optimizer name.")
+@click.option("--views-per-image", type=int, default=0, show_default=True,
+              help="Baselines: views cycled over epochs (0: a fresh view every epoch).")
 @click.option("--student", default="resnet50", show_default=True)
 @click.option("--sparse-backend", type=click.Choice(SPARSE_BACKENDS), default="minkowski", show_default=True)
 @click.option("--sparse/--no-sparse", default=True, show_default=True, help="Ablation: sparse vs ordinary convs.")
@@ -56,19 +79,52 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
 
     ctx = click.get_current_context()
     values = load_yaml(config_file) if config_file else {}
+    opts["method_opts"] = parse_method_opts(opts["method_opts"])
     for name, value in opts.items():
         if ctx.get_parameter_source(name) != ParameterSource.DEFAULT or name not in values:
             values[name] = list(value) if name == "data" else value
     values["mask_granularity"] = int(values["mask_granularity"])
-    for required in ("data", "out") if values.get("online_teacher") else ("cache", "data", "out"):
+    without_cache = values.get("online_teacher") or values.get("method", "hgkd") != "hgkd"
+    for required in ("data", "out") if without_cache else ("cache", "data", "out"):
         if not values.get(required):
             raise HgkdError(f"--{required} is required (on the command line or in --config)")
     cfg = DistillConfig.from_dict(values, source=config_file or "options")
     history = Trainer(cfg, resume=resume).fit()
     if history:
         last = history[-1]
-        click.echo(f"{cfg.out}: {last['step']:.0f} steps, final loss {last['loss']:.4f} (mse {last['mse']:.4f}"
-                   f"{', sim %.4f' % last['sim'] if 'sim' in last else ''})")
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in last.items()
+                          if k not in ("loss", "lr", "grad_norm", "img_per_s", "epoch", "step"))
+        click.echo(f"{cfg.out}: {last['step']:.0f} steps, final loss {last['loss']:.4f} ({terms})")
+
+
+@main.command()
+@click.option("--data", multiple=True, required=True, help="Labelled training data (tars with .cls, or class folders).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file (.pt).")
+@click.option("--arch", required=True, help="A student encoder (resnet18/34/50) or a registered ViT teacher name.")
+@click.option("--init-checkpoint", type=click.Path(dir_okay=False), help="ViT: start from this MIM checkpoint.")
+@click.option("--num-classes", type=int, default=0, show_default=True, help="0: largest label + 1.")
+@click.option("--img-size", type=int, default=224, show_default=True)
+@click.option("--branches/--no-branches", default=False, show_default=True,
+              help="HSAKD: train auxiliary rotation/joint-label branches with the teacher.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--warmup-epochs", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=0.05, show_default=True)
+@click.option("--optimizer", default="adamw", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--test-data", multiple=True, help="Held-out labelled data: report the teacher's top-1.")
+@user_errors
+def teacher(**opts) -> None:
+    """Train the classifier teacher of the supervised baselines (KD, ICD, HSAKD, ...)."""
+    from .teacher_train import TeacherConfig, train_teacher
+
+    opts["data"], opts["test_data"] = list(opts["data"]), list(opts["test_data"])
+    result = train_teacher(TeacherConfig(**opts))
+    top1 = f", held-out top-1 {result['test_top1']:.2f}%" if "test_top1" in result else ""
+    click.echo(f"{opts['out']}: classifier teacher {opts['arch']}, final train loss {result['train_loss']:.4f}{top1}")
 
 
 @main.command()

@@ -22,7 +22,9 @@ class DistillConfig:
     cache: str = ""
     data: list[str] = field(default_factory=list)
     out: str = ""
-    method: str = "hgkd"
+    method: str = "hgkd"  # any registered method (hgkd.distill.methods.METHODS)
+    method_opts: dict[str, Any] = field(default_factory=dict)  # the method's own hyper-parameters
+    optimizer: str = "lamb"  # any timm optimizer name
     student: str = "resnet50"
     sparse_backend: str = "minkowski"  # how sparse convs run; "masked" = SparK-style emulation
     sparse: bool = True  # ablation: False = ordinary convs on the zero-filled image
@@ -51,8 +53,19 @@ class DistillConfig:
     img_size: int = 224
     mask_ratio: float = 0.6
     mask_granularity: int = 16
+    # supervised baselines: a frozen classifier teacher written by 'hgkd-distill teacher'
+    teacher_classifier: str | None = None
+    views_per_image: int = 0  # views cycled over epochs; 0 = a fresh view every epoch
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale of those views
 
     def __post_init__(self) -> None:
+        from .methods import METHODS
+
+        if self.method not in METHODS:
+            raise HgkdError(f"--method {self.method!r}: choose one of {', '.join(METHODS.names())}")
+        if not isinstance(self.method_opts, dict):
+            raise HgkdError(f"method_opts must be a mapping of option names to values, got {self.method_opts!r}")
+        self.crop_scale = tuple(float(v) for v in self.crop_scale)
         if self.sparse_backend not in SPARSE_BACKENDS:
             raise HgkdError(f"--sparse-backend {self.sparse_backend!r}: choose one of {', '.join(SPARSE_BACKENDS)}")
         if not 0 <= self.warmup_epochs <= self.epochs:
@@ -65,7 +78,9 @@ class DistillConfig:
         return self.sparse_backend if self.sparse else "dense"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        blob = asdict(self)
+        blob["crop_scale"] = list(self.crop_scale)  # YAML-safe
+        return blob
 
     @classmethod
     def from_dict(cls, blob: dict[str, Any], source: str = "config") -> "DistillConfig":

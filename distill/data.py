@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from ..errors import HgkdError
-from ..extract.data import IMAGE_EXTS, DataSource, open_source
+from ..extract.data import IMAGE_EXTS, LABEL_EXTS, DataSource, open_source
 from ..extract.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
 from ..storage.cache import STATUS_OK, FeatureCache
 from ..storage.codecs import decode_tokens
@@ -38,13 +38,14 @@ class RandomAccessSource:
             root = Path(source.spec[0])
             self._locations = [(str(root / rel), 0, -1) for rel, _ in source.entries]
             self.keys = [str(Path(rel).with_suffix("")) for rel, _ in source.entries]
+            self.labels = _folder_labels([rel for rel, _ in source.entries])
         else:
-            self._locations, self.keys = self._index_tars(source)
+            self._locations, self.keys, self.labels = self._index_tars(source)
         self._handles: dict[str, object] = {}
 
     @staticmethod
-    def _index_tars(source: DataSource) -> tuple[list[tuple[str, int, int]], list[str]]:
-        """Member offsets per sample, grouped into samples by webdataset's own grouping."""
+    def _index_tars(source: DataSource) -> tuple[list[tuple[str, int, int]], list[str], list[int]]:
+        """Member offsets per sample (grouped by webdataset's own grouping) and class labels."""
         def members() -> Iterator[dict]:
             for url, _ in source.entries:
                 if "://" in url:
@@ -55,15 +56,18 @@ class RandomAccessSource:
                         if not info.isreg() or ("/" not in name and name.startswith(meta_prefix)
                                                 and name.endswith(meta_suffix)) or _SKIP_META.match(name):
                             continue
-                        yield {"fname": name, "data": (url, info.offset_data, info.size), "__url__": url}
+                        is_label = name.rsplit(".", 1)[-1].lower() in LABEL_EXTS or name.endswith(".cls.txt")
+                        data = tar.extractfile(info).read() if is_label else (url, info.offset_data, info.size)
+                        yield {"fname": name, "data": data, "__url__": url}
                 yield {}
 
-        locations, keys = [], []
+        locations, keys, labels = [], [], []
         for sample in group_by_keys(members()):
             image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
             locations.append(image if image is not None else ("", 0, 0))
             keys.append(sample["__key__"])
-        return locations, keys
+            labels.append(_parse_label(next((sample[ext] for ext in LABEL_EXTS if ext in sample), None)))
+        return locations, keys, labels
 
     def read(self, index: int) -> bytes | None:
         path, offset, size = self._locations[index]
@@ -79,6 +83,20 @@ class RandomAccessSource:
         return {**self.__dict__, "_handles": {}}
 
 
+def _parse_label(data: bytes | None) -> int:
+    try:
+        return int(data.decode().strip()) if data is not None else -1
+    except ValueError:
+        return -1
+
+
+def _folder_labels(relpaths: list[str]) -> list[int]:
+    """Class index = sorted position of the first sub-folder (as the extractor labels them)."""
+    classes = sorted({Path(rel).parts[0] for rel in relpaths if len(Path(rel).parts) > 1})
+    ids = {name: i for i, name in enumerate(classes)}
+    return [ids[Path(rel).parts[0]] if len(Path(rel).parts) > 1 else -1 for rel in relpaths]
+
+
 @dataclass
 class Batch:
     """One training batch; ``images`` are uint8, everything else float/bool tensors."""
@@ -89,6 +107,8 @@ class Batch:
     tokens: torch.Tensor | None = None  # (B, N, C) float32 teacher tokens (None: online teacher)
     valid: torch.Tensor | None = None  # (B, N) bool, teacher produced this token
     pooled: torch.Tensor | None = None  # (B, C) float32 pooled teacher embedding
+    labels: torch.Tensor | None = None  # (B,) int64 class labels (supervised methods)
+    indices: torch.Tensor | None = None  # (B,) int64 sample indices (instance-level methods)
 
     def to(self, device: torch.device) -> "Batch":
         moved = (getattr(self, f) for f in self.__dataclass_fields__)
@@ -159,13 +179,27 @@ class OnlineViewDataset(Dataset):
     """Views drawn like the extractor draws them, without a cache (``--online-teacher``).
 
     Row r is view ``r % K`` of sample ``r // K``; undecodable samples are dropped from
-    their batch. Targets are filled in by the trainer's live teacher.
+    their batch. Targets are filled in by the trainer's live teacher. ``labelled``: every
+    sample must carry a class label (a ``.cls`` member or a class sub-folder).
     """
 
-    def __init__(self, data: list[str], view_cfg: ViewConfig) -> None:
+    def __init__(self, data: list[str], view_cfg: ViewConfig, labelled: bool = False) -> None:
         self.view_cfg = view_cfg
         self.source = RandomAccessSource(open_source(data))
         self.ok_rows = np.arange(len(self.source.keys) * view_cfg.views_per_image)
+        self.labels = np.asarray(self.source.labels, dtype=np.int64)
+        unlabelled = int((self.labels < 0).sum())
+        if labelled and unlabelled:
+            raise HgkdError(f"--data {' '.join(data)}: {unlabelled} of {len(self.labels)} samples have no class "
+                            f"label (a .cls member or a class sub-folder); supervised methods need labels")
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.source.keys)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
 
     def __len__(self) -> int:
         return len(self.ok_rows)
@@ -188,8 +222,9 @@ class OnlineViewDataset(Dataset):
             masks.append(params.mask_hw)
         if not kept:
             raise HgkdError("--data: a whole batch of images could not be decoded")
-        return Batch(rows=torch.tensor(kept), images=torch.stack(images),
-                     visible=torch.from_numpy(~np.stack(masks)))
+        samples = torch.tensor(kept) // k_views
+        return Batch(rows=torch.tensor(kept), images=torch.stack(images), visible=torch.from_numpy(~np.stack(masks)),
+                     labels=torch.from_numpy(self.labels[samples.numpy()]), indices=samples)
 
 
 class ChunkAwareBatchSampler(Sampler[list[int]]):
@@ -232,3 +267,19 @@ class ChunkAwareBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.rows) // (self.batch_size * self.world_size)
+
+
+class ViewCycleSampler(ChunkAwareBatchSampler):
+    """Batches of samples for training on views drawn on the fly: in epoch e, sample s is
+    fed as view ``e % K`` (row ``s * K + e % K`` of :class:`OnlineViewDataset`), so every epoch
+    sees fresh crops and a resumed run sees exactly the same ones."""
+
+    def __init__(self, num_samples: int, views_per_image: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(np.arange(num_samples), 256, batch_size, seed, rank=rank, world_size=world_size)
+        self.views_per_image = views_per_image
+
+    def __iter__(self) -> Iterator[list[int]]:
+        view = self.epoch % self.views_per_image
+        for batch in super().__iter__():
+            yield [s * self.views_per_image + view for s in batch]

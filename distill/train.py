@@ -1,7 +1,9 @@
-"""Stage two: train the sparse UNet student against cached teacher targets (H-GKD Sec. 3.2).
+"""Stage two: train a student with one registered distillation method (H-GKD Sec. 3.2 by default).
 
-One step: enqueue the batch's teacher embeddings, run the student on the teacher's exact
-masked view, L = L_mse + lambda * L_sim, LAMB with grad-norm clipping, per-step cosine
+One step: the method prepares the batch (HSAKD: rotations), the teacher's outputs are read
+from the batch (cache / live MIM teacher) or computed by a frozen classifier teacher, the
+student runs on exactly those pixels (H-GKD: the teacher's masked view), the method returns
+its loss terms; LAMB (or any timm optimizer) with grad-norm clipping, per-step cosine
 schedule with warm-up (timm). Runs single-process or under torchrun (DDP; gloo on CPU).
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -25,10 +28,11 @@ from tqdm import tqdm
 
 from ..errors import HgkdError
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .classifier import ClassifierNet
 from .config import DistillConfig
-from .data import Batch, ChunkAwareBatchSampler
-from .losses import masked_mse, pooled_embedding, similarity_loss
-from .queue import MemoryQueue
+from .data import Batch
+from .methods import DistillMethod, MethodContext, NetDims, create_method, method_class
+from .outputs import NetOutputs
 from .students import create_encoder
 from .students.model import HgkdStudent
 from .targets import make_targets
@@ -73,6 +77,28 @@ def build_student(cfg: DistillConfig, embed_dim: int, patch_size: int) -> HgkdSt
                        unet=cfg.unet)
 
 
+def method_options(cfg: DistillConfig) -> dict[str, Any]:
+    """The method's keyword arguments: H-GKD's recipe fields, then ``method_opts``."""
+    base = (dict(similarity=cfg.similarity, queue_size=cfg.queue_size, tau=cfg.tau, sim_weight=cfg.sim_weight)
+            if cfg.method == "hgkd" else {})
+    return {**base, **cfg.method_opts}
+
+
+class DistillStep(nn.Module):
+    """Student + method in one module, so DDP syncs the method's trainable parts too."""
+
+    def __init__(self, student: nn.Module, method: DistillMethod, amp: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.student, self.method, self.amp = student, method, amp
+
+    def forward(self, images_bchw: torch.Tensor, visible_bhw: torch.Tensor | None, teacher: NetOutputs,
+                labels_b: torch.Tensor | None, index_b: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Student under autocast (bf16 on CUDA), the method's losses in float32."""
+        with torch.autocast(images_bchw.device.type, dtype=self.amp, enabled=self.amp is not None):
+            student = self.student.forward_outputs(images_bchw, visible_bhw)
+        return self.method(student.float(), teacher.float(), labels_b, index_b)
+
+
 class Trainer:
     """Owns model, optimizer, schedule, queue and position; ``fit`` runs to cfg.epochs."""
 
@@ -82,24 +108,27 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         torch.manual_seed(cfg.seed)
-        self.targets = make_targets(cfg, self.device)
+        self.supervised = method_class(cfg.method).supervised
+        self.targets = make_targets(cfg, self.device, supervised=self.supervised)
         self.dataset = self.targets.dataset
         if cfg.batch_size % self.dist.world_size:
             raise HgkdError(f"--batch-size {cfg.batch_size} must be divisible by the {self.dist.world_size} ranks")
-        self.sampler = ChunkAwareBatchSampler(self.dataset.ok_rows, self.targets.shard_views,
-                                              cfg.batch_size // self.dist.world_size, cfg.seed,
-                                              rank=self.dist.rank, world_size=self.dist.world_size)
+        self.sampler = self.targets.sampler(cfg.batch_size // self.dist.world_size, cfg.seed,
+                                            self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = len(self.sampler)
-        self.model = build_student(cfg, self.targets.embed_dim, self.targets.patch_size).to(self.device)
-        self.optimizer = create_optimizer_v2(self.model, "lamb", lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                             betas=(0.9, 0.999))
+        self.model = self._build_student().to(self.device)
+        ctx = MethodContext(student=self.student_dims, teacher=self.targets.dims, num_samples=self.targets.num_samples)
+        self.method = create_method(cfg.method, ctx, **method_options(cfg)).to(self.device)
+        self.amp = torch.bfloat16 if (cfg.amp and self.device.type == "cuda") else None
+        self.step_module = DistillStep(self.model, self.method, self.amp)
+        self.optimizer = create_optimizer_v2(self.step_module, cfg.optimizer, lr=cfg.lr,
+                                             weight_decay=cfg.weight_decay)
         total = cfg.epochs * self.steps_per_epoch
         self.scheduler = CosineLRScheduler(self.optimizer, t_initial=total, lr_min=1e-6, warmup_lr_init=1e-6,
                                            warmup_t=cfg.warmup_epochs * self.steps_per_epoch, t_in_epochs=False)
-        self.queue = MemoryQueue(cfg.queue_size, self.targets.embed_dim).to(self.device)
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None) if self.dist.world_size > 1 else self.model)
-        self.amp = torch.bfloat16 if (cfg.amp and self.device.type == "cuda") else None
+        self.ddp = (DistributedDataParallel(self.step_module, device_ids=[self.device.index]
+                                            if self.device.type == "cuda" else None)
+                    if self.dist.world_size > 1 else self.step_module)
         self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=self.device).view(1, 3, 1, 1) * 255
         self.epoch, self.next_batch, self.global_step = 0, 0, 0
@@ -112,18 +141,29 @@ class Trainer:
             self._prefill_queue()
         self.scheduler.step_update(self.global_step)
 
+    def _build_student(self) -> nn.Module:
+        """H-GKD: sparse encoder + decoder to the teacher's tokens; baselines: a classifier."""
+        cfg = self.cfg
+        if self.supervised:
+            net = ClassifierNet(cfg.student, self.targets.dims.num_classes, img_size=self.targets.img_size)
+            self.student_dims = net.dims
+            return net
+        student = build_student(cfg, self.targets.embed_dim, self.targets.patch_size)
+        self.student_dims = NetDims(tuple(student.encoder.channels), self.targets.embed_dim)
+        return student
+
     # ---- state -------------------------------------------------------------------------
     def _prefill_queue(self) -> None:
-        """Fill the queue from the cache's pooled embeddings before step one (method notes)."""
-        if not (self.cfg.similarity and self.cfg.prefill_queue):
+        """Fill H-GKD's queue from the cache's pooled embeddings before step one (method notes)."""
+        if not (hasattr(self.method, "prefill") and self.cfg.similarity and self.cfg.prefill_queue):
             return
         pooled = self.targets.prefill(min(self.cfg.queue_size, len(self.dataset.ok_rows)), self.cfg.seed)
         if pooled is not None:
-            self.queue.push(pooled.to(self.device), gather=False)
+            self.method.prefill(pooled)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "queue": self.queue.state_dict(), "rng": rng_state(), "epoch": self.epoch,
+                "method": self.method.state_dict(), "rng": rng_state(), "epoch": self.epoch,
                 "next_batch": self.next_batch, "global_step": self.global_step, "config": self.cfg.to_dict(),
                 "targets_fingerprint": self.targets.fingerprint}
 
@@ -132,13 +172,14 @@ class Trainer:
             raise HgkdError(f"--resume: {self.run_dir} was trained on other teacher targets (cache, teacher or "
                             f"data differ); resume with the original --cache/--online-teacher and --data")
         saved = DistillConfig.from_dict(ckpt["config"])
-        for key in ("student", "sparse", "unet", "similarity", "decoder_width", "queue_size", "batch_size", "seed"):
+        for key in ("method", "method_opts", "student", "sparse", "unet", "similarity", "decoder_width", "queue_size",
+                    "batch_size", "seed"):
             if getattr(saved, key) != getattr(self.cfg, key):
                 raise HgkdError(f"--resume: option {key} was {getattr(saved, key)!r} in {self.run_dir}, "
                                 f"now {getattr(self.cfg, key)!r}; resume with the original options")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.queue.load_state_dict(ckpt["queue"])
+        self.method.load_state_dict(ckpt["method"])
         set_rng_state(ckpt["rng"])
         self.epoch, self.next_batch, self.global_step = ckpt["epoch"], ckpt["next_batch"], ckpt["global_step"]
 
@@ -148,25 +189,21 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """L = L_mse + lambda * L_sim on one batch (queue updated first, as in the paper)."""
-        x = (batch.images.float() - self.mean) / self.std
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out_bnc = self.ddp(x, batch.visible)
-        out_bnc = out_bnc.float()
-        terms = {"mse": masked_mse(out_bnc, batch.tokens, batch.valid)}
-        if self.cfg.similarity:
-            self.queue.push(batch.pooled)
-            terms["sim"] = similarity_loss(batch.pooled, pooled_embedding(out_bnc, batch.valid),
-                                           self.queue.contents(), self.cfg.tau)
-        terms["loss"] = terms["mse"] + self.cfg.sim_weight * terms.get("sim", torch.zeros((), device=self.device))
-        return terms
+        """The method's loss terms on one batch (H-GKD: queue updated first, as in the paper)."""
+        images, labels = self.method.prepare(batch.images, batch.labels)
+        teacher = self.targets.outputs(batch, images)
+        x = (images.float() - self.mean) / self.std
+        visible = None if self.supervised else batch.visible
+        return self.ddp(x, visible, teacher, labels, batch.indices)
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.ddp.train()
+        if self.supervised:
+            self.targets.teacher.eval()
         terms = self.losses(self.targets.complete(batch.to(self.device)))
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), self.cfg.clip_grad)
         self.optimizer.step()
         self.global_step += 1
         self.scheduler.step_update(self.global_step)
@@ -228,18 +265,15 @@ def _as_is(batch: Batch) -> Batch:
 class MetricsLog:
     """Per-step metrics to ``metrics.csv`` and, when installed, TensorBoard."""
 
-    FIELDS = ("epoch", "step", "loss", "mse", "sim", "lr", "grad_norm", "img_per_s")
+    FIELDS = ("epoch", "step", "loss", "lr", "grad_norm", "img_per_s")
 
     def __init__(self, run_dir: Path, enabled: bool = True) -> None:
         self.enabled = enabled
         if not enabled:
             return
-        path = run_dir / "metrics.csv"
-        new = not path.exists()
-        self._file = path.open("a", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=self.FIELDS, extrasaction="ignore")
-        if new:
-            self._csv.writeheader()
+        self._path = run_dir / "metrics.csv"
+        self._file = None
+        self._csv: csv.DictWriter | None = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -247,18 +281,34 @@ class MetricsLog:
         except ImportError:
             self._tb = None
 
+    def _open(self, row: dict[str, float]) -> csv.DictWriter:
+        """Columns: the fixed ones, then the method's loss terms (kept from an existing file)."""
+        if self._path.exists() and self._path.stat().st_size:
+            with self._path.open(newline="") as f:
+                fields = next(csv.reader(f))
+            self._file = self._path.open("a", newline="")
+            return csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
+        fields = [*self.FIELDS[:3], *sorted(set(row) - set(self.FIELDS)), *self.FIELDS[3:]]
+        self._file = self._path.open("w", newline="")
+        writer = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        return writer
+
     def write(self, row: dict[str, float]) -> None:
         if not self.enabled:
             return
+        if self._csv is None:
+            self._csv = self._open(row)
         self._csv.writerow(row)
         self._file.flush()
         if self._tb is not None:
-            for key in ("loss", "mse", "sim", "lr", "grad_norm", "img_per_s"):
-                if key in row:
-                    self._tb.add_scalar(f"train/{key}", row[key], int(row["step"]))
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self._tb.add_scalar(f"train/{key}", value, int(row["step"]))
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
             if self._tb is not None:
                 self._tb.close()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..outputs import NetOutputs
 from .decoder import LightDecoder
 
 
@@ -18,6 +19,10 @@ class HgkdStudent(nn.Module):
     def forward_features(self, images_bchw: Tensor, visible_bhw: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Four sparse stage outputs ``(feat_bchw, active_bhw)`` at strides 4, 8, 16, 32."""
         return self.encoder.forward_features(images_bchw, visible_bhw)
+
+    def forward_outputs(self, images_bchw: Tensor, visible_bhw: Tensor) -> NetOutputs:
+        """The prediction as the record distillation methods read (``tokens``)."""
+        return NetOutputs(tokens=self(images_bchw, visible_bhw))
 
     def forward(self, images_bchw: Tensor, visible_bhw: Tensor) -> Tensor:
         out_bchw = self.decoder(self.forward_features(images_bchw, visible_bhw))

@@ -1,0 +1,133 @@
+"""``hgkd-distill teacher``: train the classifier teacher the supervised baselines distil from.
+
+A ViT teacher is typically started from its MIM checkpoint (MAE-style fine-tuning); a ResNet
+from scratch. ``branches=True`` trains HSAKD's teacher: CE on the unrotated copies plus CE of
+every auxiliary branch on the joint labels ``4y + r`` of all four rotations (HSAKD Sec. 3).
+Views are drawn like the baselines' student views (crop + flip, no mask, fresh each epoch).
+The result (weights + architecture + held-out accuracy) loads with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.utils.data import DataLoader
+
+from ..errors import HgkdError
+from ..extract.views import ViewConfig
+from .classifier import ClassifierNet, save_classifier
+from .data import OnlineViewDataset, ViewCycleSampler
+from .methods.hsakd import joint_labels, rotate_batch, unrotated
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherConfig:
+    data: list[str]
+    out: str
+    arch: str
+    init_checkpoint: str | None = None
+    num_classes: int = 0  # 0: largest label + 1
+    img_size: int = 224
+    branches: bool = False
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    seed: int = 0
+    workers: int = 1
+    device: str = "auto"
+    test_data: list[str] = field(default_factory=list)  # held-out labelled data for the reported accuracy
+
+
+def _whole_batch(batch: object) -> object:
+    return batch  # the dataset returns whole batches
+
+
+def _loader(dataset: OnlineViewDataset, sampler: ViewCycleSampler, workers: int) -> DataLoader:
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers, collate_fn=_whole_batch,
+                      persistent_workers=workers > 0)
+
+
+def _normalise(net: ClassifierNet, images_bchw: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(net.mean, device=images_bchw.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(net.std, device=images_bchw.device).view(1, 3, 1, 1) * 255
+    return (images_bchw.float() - mean) / std
+
+
+def teacher_loss(net: ClassifierNet, images_bchw: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
+    """CE on the labels; with branches, HSAKD's CE(unrotated) + sum_l CE(branch_l, 4y + r)."""
+    if net.branches is None:
+        return F.cross_entropy(net(_normalise(net, images_bchw)), labels_b)
+    out = net.forward_outputs(_normalise(net, rotate_batch(images_bchw)))
+    joint = joint_labels(labels_b)
+    return F.cross_entropy(unrotated(out.logits), labels_b) + sum(
+        F.cross_entropy(branch, joint) for branch in out.branch_logits)
+
+
+@torch.no_grad()
+def accuracy(net: ClassifierNet, data: list[str], batch_size: int = 128) -> float:
+    """Top-1 (%) on centre-ish views of labelled data (view 0, full-image crop scale)."""
+    view = ViewConfig(img_size=net.img_size, mask_ratio=0.0, scale=(1.0, 1.0), hflip=0.0)
+    dataset = OnlineViewDataset(data, view, labelled=True)
+    net.eval()
+    device = next(net.parameters()).device
+    correct = total = 0
+    for start in range(0, dataset.num_samples, batch_size):
+        batch = dataset[list(range(start, min(start + batch_size, dataset.num_samples)))]
+        pred = net(_normalise(net, batch.images.to(device))).argmax(1).cpu()
+        correct += int((pred == batch.labels).sum())
+        total += len(batch.labels)
+    return 100.0 * correct / max(total, 1)
+
+
+def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
+    """Train, save to ``cfg.out`` and return {'train_loss', 'test_top1' (when test data is given)}."""
+    from .train import resolve_device  # the trainer's device rules
+
+    out = Path(cfg.out)
+    if out.exists():
+        raise HgkdError(f"--out {out} already exists; choose a new file (teachers are not overwritten)")
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    views = ViewConfig(img_size=cfg.img_size, mask_ratio=0.0, seed=cfg.seed, views_per_image=cfg.epochs,
+                       scale=tuple(cfg.crop_scale))
+    dataset = OnlineViewDataset(cfg.data, views, labelled=True)
+    num_classes = cfg.num_classes or dataset.num_classes
+    if dataset.num_classes > num_classes:
+        raise HgkdError(f"--num-classes {num_classes}: the data has labels up to {dataset.num_classes - 1}")
+    net = ClassifierNet(cfg.arch, num_classes, cfg.img_size, cfg.branches, cfg.init_checkpoint).to(device)
+    sampler = ViewCycleSampler(dataset.num_samples, cfg.epochs, cfg.batch_size, cfg.seed)
+    optimizer = create_optimizer_v2(net, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * len(sampler)
+    scheduler = CosineLRScheduler(optimizer, t_initial=steps, lr_min=1e-6, warmup_lr_init=1e-6,
+                                  warmup_t=cfg.warmup_epochs * len(sampler), t_in_epochs=False)
+    loader, step, losses = _loader(dataset, sampler, cfg.workers), 0, []
+    for epoch in range(cfg.epochs):
+        sampler.set_epoch(epoch)
+        net.train()
+        for batch in loader:
+            loss = teacher_loss(net, batch.images.to(device), batch.labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            optimizer.step()
+            step += 1
+            scheduler.step_update(step)
+            losses.append(float(loss.detach()))
+        log.info("teacher epoch %d: loss %.4f", epoch, np.mean(losses[-len(sampler):]))
+    result = {"train_loss": float(np.mean(losses[-len(sampler):]))}
+    if cfg.test_data:
+        result["test_top1"] = accuracy(net, cfg.test_data)
+    save_classifier(net.cpu(), out, extra={"metrics": result, "config": {**asdict(cfg), "crop_scale": list(cfg.crop_scale)}})
+    return result
