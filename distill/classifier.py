@@ -143,3 +143,18 @@ def load_classifier(path: str | os.PathLike) -> tuple[ClassifierNet, dict[str, A
     net = ClassifierNet(blob["arch"], blob["num_classes"], blob["img_size"], blob["branches"])
     net.load_state_dict(blob["model"])
     return net.eval(), blob["extra"]
+
+
+def load_run_classifier(run_dir: Path, img_size: int) -> ClassifierNet:
+    """The classifier student of a supervised-baseline run (its last checkpoint), in eval mode;
+    ``img_size`` is the teacher's (the student trained on the same views)."""
+    from .checkpoint import LAST, load_checkpoint
+    from .config import DistillConfig
+
+    ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / LAST)
+    cfg = DistillConfig.from_dict(ckpt["config"], source=str(run_dir))
+    if "head.weight" not in ckpt["model"]:
+        raise HgkdError(f"{run_dir}: not a supervised-baseline run (no classifier head)")
+    net = ClassifierNet(cfg.student, int(ckpt["model"]["head.weight"].shape[0]), img_size)
+    net.load_state_dict(ckpt["model"])
+    return net.eval()

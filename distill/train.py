@@ -191,7 +191,7 @@ class Trainer:
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The method's loss terms on one batch (H-GKD: queue updated first, as in the paper)."""
         images, labels = self.method.prepare(batch.images, batch.labels)
-        teacher = self.targets.outputs(batch, images)
+        teacher = self.targets.outputs(batch, images) if self.method.teacher_needs else NetOutputs()
         x = (images.float() - self.mean) / self.std
         visible = None if self.supervised else batch.visible
         return self.ddp(x, visible, teacher, labels, batch.indices)

@@ -1,10 +1,10 @@
 """Distillation methods, one module each, listed in one registry (``--method NAME``).
 
 H-GKD (this project's method) and the baselines: ICD (+KD), HSAKD, KD, DIST, CRD, RKD, PKT,
-FitNet, AT, SP. Adding a method: one file with a ``@register_method("name")`` class, plus
+FitNet, AT, SP, and ``vanilla`` (labels only, no teacher). Adding a method: one file with a ``@register_method("name")`` class, plus
 its import line below.
 """
 from .base import METHODS, DistillMethod, MethodContext, NetDims, create_method, kd_loss, method_class
-from . import at, crd, dist, fitnet, hgkd, hsakd, icd, kd, pkt, rkd, sp  # noqa: F401  (registration)
+from . import at, crd, dist, fitnet, hgkd, hsakd, icd, kd, pkt, rkd, sp, vanilla  # noqa: F401  (registration)
 
 __all__ = ["METHODS", "DistillMethod", "MethodContext", "NetDims", "create_method", "kd_loss", "method_class"]

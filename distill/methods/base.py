@@ -61,6 +61,7 @@ class DistillMethod(nn.Module):
 
     def forward(self, student: NetOutputs, teacher: NetOutputs, labels_b: Tensor | None,
                 index_b: Tensor | None) -> dict[str, Tensor]:
+        teacher = teacher.detach()  # the teacher is frozen: no loss may reach it
         terms = self.supervised_terms(student, teacher, labels_b)
         terms.update(self.distill_terms(student, teacher, labels_b, index_b))
         return with_total(terms)

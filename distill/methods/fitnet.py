@@ -10,8 +10,9 @@ from .base import DistillMethod, MethodContext, match_size, register_method
 
 
 def conv_regressor(in_ch: int, out_ch: int) -> nn.Module:
-    """1x1 conv + BN + ReLU (CRD's ConvReg for equal resolutions)."""
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+    """1x1 conv + BN. CRD's ConvReg ends in a ReLU, which suits post-ReLU CNN teachers but
+    cannot match a ViT's signed token features; this regressor can match both."""
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
 
 
 @register_method("fitnet")

@@ -7,7 +7,7 @@ from torch import Tensor
 from ..losses import masked_mse, pooled_embedding, similarity_loss
 from ..outputs import NetOutputs
 from ..queue import MemoryQueue
-from .base import DistillMethod, MethodContext, register_method
+from .base import DistillMethod, MethodContext, register_method, with_total
 
 
 @register_method("hgkd")
@@ -15,7 +15,8 @@ class HGKD(DistillMethod):
     """Feature distillation from cached MIM tokens; the queue is this method's state.
 
     The batch's teacher embeddings are enqueued first, then p_t, p_s are compared over the
-    queue (paper order). ``similarity=False`` is Table 5's "w/o similarity".
+    queue (paper order). ``similarity=False`` is Table 5's "w/o similarity". Terms are
+    logged weighted: ``sim`` is lambda * L_sim.
     """
 
     supervised = False
@@ -33,13 +34,11 @@ class HGKD(DistillMethod):
 
     def forward(self, student: NetOutputs, teacher: NetOutputs, labels_b: Tensor | None = None,
                 index_b: Tensor | None = None) -> dict[str, Tensor]:
+        teacher = teacher.detach().float()
         tokens_bnc = student.tokens.float()
         terms = {"mse": masked_mse(tokens_bnc, teacher.tokens, teacher.valid)}
-        loss = terms["mse"]
         if self.similarity:
             self.queue.push(teacher.pooled)
-            terms["sim"] = similarity_loss(teacher.pooled, pooled_embedding(tokens_bnc, teacher.valid),
-                                           self.queue.contents(), self.tau)
-            loss = loss + self.sim_weight * terms["sim"]
-        terms["loss"] = loss
-        return terms
+            terms["sim"] = self.sim_weight * similarity_loss(
+                teacher.pooled, pooled_embedding(tokens_bnc, teacher.valid), self.queue.contents(), self.tau)
+        return with_total(terms)

@@ -80,6 +80,7 @@ class HSAKD(DistillMethod):
 
     def forward(self, student: NetOutputs, teacher: NetOutputs, labels_b: Tensor | None,
                 index_b: Tensor | None) -> dict[str, Tensor]:
+        teacher = teacher.detach()
         if len(teacher.branch_logits) != len(self.branches):
             raise HgkdError(f"hsakd needs a teacher with {len(self.branches)} auxiliary branches (it has "
                             f"{len(teacher.branch_logits)}); train it with 'hgkd-distill teacher --branches'")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...errors import HgkdError
 from ..outputs import NetOutputs
 from .base import DistillMethod, MethodContext, register_method
 
@@ -51,13 +52,13 @@ class ICD(DistillMethod):
 
     def __init__(self, ctx: MethodContext, dim: int = 128, tau_init: float = 1.0, bias_init: float = 0.0,
                  max_scale: float = 10.0, alpha: float = 0.5, beta: float = 1.0, **base: float) -> None:
+        if not 0 < max_scale or not math.isfinite(max_scale):
+            raise HgkdError(f"--method-opt max_scale={max_scale}: must be a positive number")
         super().__init__(ctx, **base)
         self.embed_s = nn.Linear(ctx.student.embed_dim, dim)
         self.embed_t = nn.Linear(ctx.teacher.embed_dim, dim)
         self.objective = InvariantConsistency(tau_init, bias_init, max_scale, alpha)
         self.beta = beta
-        if not 0 < max_scale or not math.isfinite(max_scale):
-            raise ValueError(f"max_scale must be positive, got {max_scale}")
 
     def distill_terms(self, student: NetOutputs, teacher: NetOutputs, labels_b: Tensor | None,
                       index_b: Tensor | None) -> dict[str, Tensor]:
