@@ -16,11 +16,15 @@ from typing import Any
 import torch
 
 from ..distill.checkpoint import LAST, load_checkpoint
+from ..distill.classifier import load_classifier, load_run_classifier
 from ..distill.config import DistillConfig
 from ..distill.export_run import export_run
+from ..distill.methods import method_class
+from ..distill.teacher_train import TeacherConfig, accuracy, train_teacher
 from ..distill.train import Trainer
 from ..errors import HgkdError
 from ..extract.data import open_source
+from ..extract.demo_data import write_digits_shards
 from ..extract.run import ExtractConfig, run_extract
 from ..extract.teachers.mae_pretrain import pretrain_mae
 from ..extract.views import ViewConfig, decode_image
@@ -32,6 +36,32 @@ from .spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 VARIANT_KEYS = ("name", "scratch", "description")
+BUILTIN = "builtin:"
+
+
+def resolve_builtin(spec: PipelineSpec) -> None:
+    """Replace ``builtin:digits-train|test`` entries with shards written under ``out/data``."""
+    entries = [*spec.data, *spec.eval.train, *spec.eval.test]
+    if not any(e.startswith(BUILTIN) for e in entries):
+        return
+    opts = {"img_size": int(spec.teacher.get("img_size", 224)), **spec.builtin}
+    try:
+        train, test = write_digits_shards(spec.out_dir / "data", **opts)
+    except TypeError as err:
+        raise HgkdError(f"{spec.source}: bad 'builtin' option ({err})") from None
+    known = {f"{BUILTIN}digits-train": train, f"{BUILTIN}digits-test": test}
+
+    def resolve(items: list[str]) -> list[str]:
+        bad = [e for e in items if e.startswith(BUILTIN) and e not in known]
+        if bad:
+            raise HgkdError(f"{spec.source}: unknown data {bad[0]!r}; built in: {', '.join(known)}")
+        return [known.get(e, e) for e in items]
+
+    spec.data, spec.eval.train, spec.eval.test = resolve(spec.data), resolve(spec.eval.train), resolve(spec.eval.test)
+
+
+def is_supervised(spec: PipelineSpec, variant: dict[str, Any]) -> bool:
+    return not variant.get("scratch") and method_class(variant.get("method", spec.distill.get("method", "hgkd"))).supervised
 
 
 def stage_teacher(spec: PipelineSpec) -> str | None:
@@ -80,18 +110,63 @@ def stage_cache(spec: PipelineSpec, checkpoint: str | None) -> str:
     return cache_url
 
 
-def distill_config(spec: PipelineSpec, variant: dict[str, Any], cache_url: str) -> DistillConfig:
+def stage_classifier_teacher(spec: PipelineSpec, mim_checkpoint: str | None) -> str:
+    """The baselines' classifier teacher, trained once: by default the pipeline's ViT teacher
+    started from its MIM checkpoint and fine-tuned on the labels (with HSAKD's branches)."""
+    out = spec.out_dir / "teacher" / "classifier.pt"
+    if out.exists():
+        log.info("classifier teacher: reusing %s", out)
+        return str(out)
+    opts = {"arch": spec.teacher["name"], "img_size": int(spec.teacher.get("img_size", 224)),
+            "branches": True, "test_data": list(spec.eval.test), **spec.classifier_teacher}
+    if opts["arch"] == spec.teacher["name"]:
+        opts.setdefault("init_checkpoint", mim_checkpoint)
+    try:
+        cfg = TeacherConfig(data=spec.data, out=str(out), **opts)
+    except TypeError as err:
+        raise HgkdError(f"{spec.source}: bad 'classifier_teacher' option ({err})") from None
+    log.info("classifier teacher: %s", train_teacher(cfg))
+    return str(out)
+
+
+def teacher_row(path: str) -> dict[str, Any]:
+    """A results row for the classifier teacher: its own held-out top-1 (``classifier_top1``)."""
+    net, extra = load_classifier(path)
+    row: dict[str, Any] = {"variant": "teacher", "description": f"classifier teacher {net.arch} (not a student)"}
+    top1 = extra.get("metrics", {}).get("test_top1")
+    if top1 is not None:
+        row["classifier_top1"] = float(top1)
+    return row
+
+
+def stage_classifier_eval(spec: PipelineSpec, variant: dict[str, Any]) -> dict[str, float]:
+    """A supervised student's own head on the held-out set (the KD papers' metric), kept as JSON."""
+    path = spec.out_dir / "eval" / variant["name"] / "classifier.json"
+    if not path.exists():
+        net = load_run_classifier(spec.out_dir / "runs" / variant["name"], int(spec.teacher.get("img_size", 224)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"top1": accuracy(net, spec.eval.test)}, indent=2))
+    return {"classifier_top1": float(json.loads(path.read_text())["top1"])}
+
+
+def distill_config(spec: PipelineSpec, variant: dict[str, Any], cache_url: str | None,
+                   classifier: str | None = None) -> DistillConfig:
     opts = {**spec.distill, **{k: v for k, v in variant.items() if k not in VARIANT_KEYS}}
-    opts.update(cache=cache_url, data=spec.data, out=str(spec.out_dir / "runs" / variant["name"]))
+    opts.update(data=spec.data, out=str(spec.out_dir / "runs" / variant["name"]))
+    if is_supervised(spec, variant):
+        opts.update(teacher_classifier=classifier)
+    else:
+        opts.update(cache=cache_url)
     opts.setdefault("log_every", 0)
     return DistillConfig.from_dict(opts, source=f"{spec.source} variant {variant['name']}")
 
 
-def stage_distill(spec: PipelineSpec, variant: dict[str, Any], cache_url: str) -> str:
+def stage_distill(spec: PipelineSpec, variant: dict[str, Any], cache_url: str | None,
+                  classifier: str | None = None) -> str:
     """Train (or resume, or skip) one variant; returns the model for evaluation."""
     if variant.get("scratch"):
         return f"scratch:{spec.distill.get('student', 'resnet50')}"
-    cfg = distill_config(spec, variant, cache_url)
+    cfg = distill_config(spec, variant, cache_url, classifier)
     run_dir = Path(cfg.out)
     exported = run_dir / "student.safetensors"
     last = run_dir / "checkpoints" / LAST
@@ -126,12 +201,18 @@ def stage_eval(spec: PipelineSpec, variant: dict[str, Any], model: str) -> dict[
 def run_pipeline(spec: PipelineSpec) -> dict[str, Path]:
     """All stages in order; returns the paths of results.csv/.md/.png."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
+    resolve_builtin(spec)
     checkpoint = stage_teacher(spec)
-    cache_url = stage_cache(spec, checkpoint)
-    rows = []
+    trained = [v for v in spec.variants if not v.get("scratch")]
+    supervised = [v for v in trained if is_supervised(spec, v)]
+    cache_url = stage_cache(spec, checkpoint) if len(supervised) < len(trained) else None
+    classifier = stage_classifier_teacher(spec, checkpoint) if supervised else None
+    rows = [teacher_row(classifier)] if classifier else []
     for variant in spec.variants:
-        model = stage_distill(spec, variant, cache_url)
+        model = stage_distill(spec, variant, cache_url, classifier)
         row = {"variant": variant["name"], "description": variant.get("description", "")}
         row.update(stage_eval(spec, variant, model))
+        if spec.eval.test and not variant.get("scratch") and is_supervised(spec, variant):
+            row.update(stage_classifier_eval(spec, variant))
         rows.append(row)
     return write_report(rows, spec.out_dir, spec.name)

@@ -11,9 +11,13 @@ eval: {train: [...], test: [...], tasks: [knn, linear], img_size: 224}
 variants:
   - {name: full, seed: 0}
   - {name: wo_unet, unet: false, seed: 0}
+  - {name: kd, method: kd}                          # a supervised baseline (needs classifier_teacher)
   - {name: scratch, scratch: true}                  # untrained student: the floor
+classifier_teacher: {epochs: 10, branches: true}    # hgkd-distill teacher options; arch = teacher.name
 ```
-``--set section.key=value`` overrides any entry from the command line.
+``--set section.key=value`` overrides any entry from the command line. Data entries
+``builtin:digits-train`` / ``builtin:digits-test`` are the shipped digits (``builtin`` section:
+``img_size``, ``max_images``), written under ``out/data`` on first use.
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ class PipelineSpec:
     cache: dict[str, Any] = field(default_factory=dict)
     distill: dict[str, Any] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    classifier_teacher: dict[str, Any] = field(default_factory=dict)
+    builtin: dict[str, Any] = field(default_factory=dict)
     source: str = "<spec>"
 
     def __post_init__(self) -> None:
