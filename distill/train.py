@@ -215,8 +215,11 @@ class Trainer:
         """One loader for the whole run: workers persist across epochs (the batch sampler
         runs in this process, so ``set_epoch`` still takes effect)."""
         if self._loader is None:
+            # its own generator: creating an iterator (each epoch, and on resume) must not draw
+            # from the global RNG that the step uses (CRD's negatives) and the checkpoint restores
             self._loader = DataLoader(self.dataset, sampler=self.sampler, batch_size=None,
                                       num_workers=self.cfg.workers, collate_fn=_as_is,
+                                      generator=torch.Generator().manual_seed(self.cfg.seed),
                                       pin_memory=self.device.type == "cuda",
                                       persistent_workers=self.cfg.workers > 0)
         return self._loader
