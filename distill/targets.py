@@ -42,6 +42,10 @@ class TokenTargets:
     def num_samples(self) -> int:
         return len(self.dataset.ok_rows)
 
+    @property
+    def img_size(self) -> int:
+        return self.dataset.view_cfg.img_size
+
     def sampler(self, batch_size: int, seed: int, rank: int, world_size: int) -> ChunkAwareBatchSampler:
         return ChunkAwareBatchSampler(self.dataset.ok_rows, self.shard_views, batch_size, seed,
                                       rank=rank, world_size=world_size)

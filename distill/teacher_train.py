@@ -94,10 +94,12 @@ def accuracy(net: ClassifierNet, data: list[str], batch_size: int = 128) -> floa
 def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
     """Train, save to ``cfg.out`` and return {'train_loss', 'test_top1' (when test data is given)}."""
     from .train import resolve_device  # the trainer's device rules
+    from .train import make_dir
 
     out = Path(cfg.out)
     if out.exists():
         raise HgkdError(f"--out {out} already exists; choose a new file (teachers are not overwritten)")
+    make_dir(out.parent, "--out")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     views = ViewConfig(img_size=cfg.img_size, mask_ratio=0.0, seed=cfg.seed, views_per_image=cfg.epochs,

@@ -33,7 +33,7 @@ from .config import DistillConfig
 from .data import Batch
 from .methods import DistillMethod, MethodContext, NetDims, create_method, method_class
 from .outputs import NetOutputs
-from .students import create_encoder
+from .students import STRIDES, create_encoder
 from .students.model import HgkdStudent
 from .targets import make_targets
 
@@ -148,6 +148,11 @@ class Trainer:
             net = ClassifierNet(cfg.student, self.targets.dims.num_classes, img_size=self.targets.img_size)
             self.student_dims = net.dims
             return net
+        if self.targets.img_size % STRIDES[-1]:
+            option = "--img-size" if cfg.online_teacher else f"--cache {cfg.cache}:"
+            raise HgkdError(f"{option} views of {self.targets.img_size} px do not fit the student's stride-"
+                            f"{STRIDES[-1]} ResNet; use a multiple of {STRIDES[-1]} (extract with --img-size "
+                            f"{(self.targets.img_size // STRIDES[-1] + 1) * STRIDES[-1]})")
         student = build_student(cfg, self.targets.embed_dim, self.targets.patch_size)
         self.student_dims = NetDims(tuple(student.encoder.channels), self.targets.embed_dim)
         return student
@@ -226,7 +231,7 @@ class Trainer:
 
     def fit(self, stop_after_steps: int | None = None) -> list[dict[str, float]]:
         """Train to ``cfg.epochs`` (or for ``stop_after_steps`` steps); returns per-step metrics."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.run_dir, "--out")
         if self.dist.main:
             self.cfg.save(self.run_dir / "config.yaml")
         metrics = MetricsLog(self.run_dir, enabled=self.dist.main)
@@ -259,6 +264,15 @@ class Trainer:
             self.save()
         metrics.close()
         return history
+
+
+def make_dir(path: Path, option: str) -> None:
+    """``mkdir -p`` with a one-line user error (a file in the way, no permission, full disk)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise HgkdError(f"{option} {path}: cannot create the directory ({err.strerror or err}); "
+                        f"choose another {option}") from None
 
 
 def _as_is(batch: Batch) -> Batch:

@@ -71,9 +71,15 @@ def open_source(spec: list[str] | str) -> DataSource:
             raise HgkdError(f"--data: {url} does not exist (from {' '.join(specs)})")
         entries.append((url, os.path.getsize(url)))
     source = DataSource("webdataset", specs, entries)
-    source.num_samples = sum(1 for _ in _iter_tars(source, count_only=True))
+    with_image = 0
+    for sample in _iter_tars(source, count_only=True):
+        source.num_samples = sample.index + 1
+        with_image += sample.data is not None
     if source.num_samples == 0:
         raise HgkdError(f"--data {' '.join(specs)}: no samples found in {len(urls)} tar file(s)")
+    if with_image == 0:
+        raise HgkdError(f"--data {' '.join(specs)}: none of the {source.num_samples} samples has an image member "
+                        f"({', '.join(IMAGE_EXTS)}); point --data at image shards")
     return source
 
 
@@ -101,8 +107,8 @@ def _iter_folder(source: DataSource) -> Iterator[Sample]:
 def _iter_tars(source: DataSource, count_only: bool = False) -> Iterator[Sample]:
     shards = ({"url": url} for url, _ in source.entries)
     for index, sample in enumerate(tarfile_samples(shards, handler=_reraise_as_user_error)):
-        if count_only:
-            yield Sample(index, sample["__key__"], None)
+        if count_only:  # data: b"" when the sample has an image member, else None
+            yield Sample(index, sample["__key__"], b"" if any(ext in sample for ext in IMAGE_EXTS) else None)
             continue
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         yield Sample(index, sample["__key__"], image, _label_of(sample))
