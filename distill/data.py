@@ -8,6 +8,7 @@ extractor used - so the student sees the teacher's pixels exactly. The teacher n
 """
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class RandomAccessSource:
             self.labels = _folder_labels([rel for rel, _ in source.entries])
         else:
             self._locations, self.keys, self.labels = self._index_tars(source)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, int] = {}  # path -> descriptor, read with os.pread
 
     @staticmethod
     def _index_tars(source: DataSource) -> tuple[list[tuple[str, int, int]], list[str], list[int]]:
@@ -70,14 +71,17 @@ class RandomAccessSource:
         return locations, keys, labels
 
     def read(self, index: int) -> bytes | None:
+        """One sample's image bytes. ``os.pread`` never moves a shared file position, so
+        DataLoader workers forked with these descriptors cannot read each other's bytes."""
         path, offset, size = self._locations[index]
         if not path:
             return None
-        handle = self._handles.get(path)
-        if handle is None:
-            handle = self._handles[path] = open(path, "rb")
-        handle.seek(offset)
-        return handle.read() if size < 0 else handle.read(size)
+        if size < 0:
+            return Path(path).read_bytes()
+        fd = self._handles.get(path)
+        if fd is None:
+            fd = self._handles[path] = os.open(path, os.O_RDONLY)
+        return os.pread(fd, size, offset)
 
     def __getstate__(self) -> dict:  # file handles stay per worker process
         return {**self.__dict__, "_handles": {}}
