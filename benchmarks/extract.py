@@ -1,19 +1,28 @@
-"""P1/P3: extraction with cache writes vs bare teacher forward; bytes and fidelity per codec.
+"""P1/P3: extraction with cache writes vs bare teacher forward; bytes and fidelity per codec;
+scaling of extraction with 1 vs 2 writer processes.
 
-Run: ``.venv/bin/python benchmarks/extract.py [--teacher cae_large_patch16] [--views 32] [--quick]``.
+Run: ``.venv/bin/python benchmarks/extract.py [--teacher cae_large_patch16] [--views 44] [--quick]``.
 Both arms see the same views and batches, measured side by side in one run (interleaved
-repeats, median), so the ratio is meaningful on a shared machine. Writes
-``benchmarks/results/extract.json`` with machine info and a ``goals`` object.
+repeats, median), so the ratio is meaningful on a shared machine. The scaling arms run
+``run_extract`` on the same data in N spawned processes at once, all with the same config
+(as when the same ``hgkd-extract run`` command is started N times: shard locks split the
+work) and ``cpus // N`` torch threads each; after imports the processes start together, and
+views/s is the cache's views over the span from the first process's extraction loop start
+to the last process's end (``views_per_s_with_setup`` also counts each process's source
+listing and teacher construction). Writes ``benchmarks/results/extract.json`` with machine
+info, a ``goals`` object and a ``scaling`` object.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,7 @@ from hgkd.extract.data import open_source
 from hgkd.extract.demo_data import write_demo_shards
 from hgkd.extract.run import ExtractConfig, Extractor, load_teacher, prepare_sample, resolve_device, run_extract
 from hgkd.extract.views import ViewConfig
+from hgkd.storage.cache import FeatureCache
 from hgkd.storage.codecs import TOKEN_CODECS, CodecSpec, decode_tokens, encode_tokens
 
 IMAGENET_TRAIN = 1_281_167
@@ -48,6 +58,43 @@ def cached_run(cfg: ExtractConfig, out: Path) -> tuple[float, float]:
     cfg.out = str(out)
     report = run_extract(cfg)
     return report.views_written / report.seconds, report.teacher_seconds / report.seconds
+
+
+def _extract_process(cfg: ExtractConfig, threads: int, barrier, results) -> None:
+    """One writer process of a scaling arm: wait for the others, run stage one, report times."""
+    torch.set_num_threads(threads)
+    barrier.wait()
+    start, cpu = time.monotonic(), time.process_time()  # CLOCK_MONOTONIC: comparable between processes
+    report = run_extract(cfg)
+    end = time.monotonic()
+    results.put({"start": start, "loop_start": end - report.seconds, "end": end, "cpu_s": time.process_time() - cpu,
+                 "views": report.views_written, "shards": len(report.shards_written)})
+
+
+def parallel_run(cfg: ExtractConfig, out: Path, processes: int) -> dict:
+    """Stage one by ``processes`` concurrent writers of one cache: views/s and per-process rows."""
+    cfg.out = str(out)
+    ctx = mp.get_context("spawn")  # fresh interpreters, as separate commands would be
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    procs = [ctx.Process(target=_extract_process, args=(cfg, threads, barrier, results)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    rows = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"extraction process exited with {p.exitcode}")
+    cache = FeatureCache.open(cfg.out)
+    views = sum(r["views"] for r in rows)
+    if not cache.is_complete() or views != cache.num_views:
+        raise RuntimeError(f"{processes} processes wrote {views} of {cache.num_views} views")
+    end = max(r["end"] for r in rows)
+    return {"views_per_s": views / (end - min(r["loop_start"] for r in rows)),
+            "views_per_s_with_setup": views / (end - min(r["start"] for r in rows)),
+            # CPU seconds of all processes / wall: below N, the cores were busy with other work
+            "cpu_cores_used": sum(r["cpu_s"] for r in rows) / (end - min(r["start"] for r in rows)),
+            "threads_per_process": threads, "shards_per_process": [r["shards"] for r in rows]}
 
 
 def codec_table(tokens_bnc: torch.Tensor, workdir: Path) -> dict:
@@ -82,7 +129,7 @@ def codec_table(tokens_bnc: torch.Tensor, workdir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--teacher", default="cae_large_patch16")
-    ap.add_argument("--views", type=int, default=32)
+    ap.add_argument("--views", type=int, default=44, help="about this many: 22 images x views-per-image")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny teacher: checks the script, not the goal")
@@ -90,6 +137,7 @@ def main() -> None:
     args = ap.parse_args()
     teacher_name = "cae_tiny_patch16" if args.quick else args.teacher
     torch.set_num_threads(os.cpu_count() or 1)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pattern = write_demo_shards(tmp / "data")
@@ -107,24 +155,32 @@ def main() -> None:
             views = torch.cat([p.views_kchw for p in chunk])
             masks = torch.from_numpy(np.stack([v.mask_hw.reshape(-1) for p in chunk for v in p.params]))
             batches.append((views, masks))
+        # Scaling arms: one shard per batch, so N processes get work in batch-sized units.
+        scale_cfg = replace(cfg, shard_views=max(per_image, args.batch_size // per_image * per_image))
         bare_forward(extractor, batches[:1])  # warm-up
         bare, cached, in_run = [], [], []
+        scaling_runs: dict[int, list[dict]] = {1: [], 2: []}
         for r in range(args.repeats):
             bare.append(bare_forward(extractor, batches))
             views_per_s, share = cached_run(cfg, tmp / f"cache-{r}.zarr")
             cached.append(views_per_s)
             in_run.append(share)
+            for n in scaling_runs:
+                scaling_runs[n].append(parallel_run(replace(scale_cfg), tmp / f"scale-{n}p-{r}.zarr", n))
         tokens, _, _ = extractor.teacher_outputs(*batches[0])
         codecs = codec_table(tokens.cpu(), tmp / "codecs")
     ratio = statistics.median(cached) / statistics.median(bare)
+    scaling = scaling_table(scaling_runs, scale_cfg.shard_views)
     in_run_ratio = statistics.median(in_run)
     default = codecs["int8ct/lz4"]
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": str(device),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__,
+                    # other processes' load: the cores are shared, so compare ratios, not absolutes
+                    "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
         "teacher": teacher_name, "views": sum(len(b[0]) for b in batches),
         "bare_forward_views_per_s": bare, "extract_with_cache_views_per_s": cached,
-        "ratio_cache_vs_bare_arms": ratio, "ratio_in_run": in_run, "codecs": codecs,
+        "ratio_cache_vs_bare_arms": ratio, "ratio_in_run": in_run, "codecs": codecs, "scaling": scaling,
         "goals": {
             # The in-run ratio is the goal's measure: on a shared machine the forward's own
             # speed drifts between repeats far more than caching costs (see README).
@@ -142,9 +198,36 @@ def main() -> None:
     print(f"{'codec/compressor':<24}{'bytes/view':>12}{'cosine':>12}{'ImageNet-1k GB':>16}")
     for name, row in codecs.items():
         print(f"{name:<24}{row['bytes_per_view']:>12,.0f}{row['token_cosine']:>12.6f}{row['imagenet_1k_GB']:>16.0f}")
+    print_scaling(scaling)
     if not args.quick:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
+
+
+def scaling_table(runs: dict[int, list[dict]], shard_views: int) -> dict:
+    """Medians of the 1- and 2-process arms and their ratio (no goal)."""
+    def medians(key: str) -> dict:
+        one, two = (statistics.median(r[key] for r in runs[n]) for n in (1, 2))
+        return {"1_process_views_per_s": one, "2_processes_views_per_s": two, "ratio_2_vs_1": two / one}
+
+    return {"extract_writer_processes": {
+        "measure": "run_extract in 1 vs 2 concurrent processes (the same command twice, shard locks), cpus/N "
+                   "torch threads each, views/s over the extraction loops",
+        **medians("views_per_s"), "with_setup": medians("views_per_s_with_setup"),
+        "cpu_cores_used": {f"{n}_process{'es' if n > 1 else ''}": statistics.median(r["cpu_cores_used"] for r in rows)
+                           for n, rows in runs.items()},
+        "shard_views": shard_views,
+        "runs": {f"{n}_process{'es' if n > 1 else ''}": rows for n, rows in runs.items()}}}
+
+
+def print_scaling(scaling: dict) -> None:
+    row = scaling["extract_writer_processes"]
+    print(f"\n{'writer processes (views/s)':<28}{'1':>10}{'2':>10}{'ratio':>8}")
+    for name, r in (("extraction loops", row), ("with per-process setup", row["with_setup"])):
+        print(f"{name:<28}{r['1_process_views_per_s']:>10.2f}{r['2_processes_views_per_s']:>10.2f}"
+              f"{r['ratio_2_vs_1']:>8.3f}")
+    one, two = row["cpu_cores_used"].values()
+    print(f"{'CPU cores used':<28}{one:>10.2f}{two:>10.2f}")
 
 
 if __name__ == "__main__":

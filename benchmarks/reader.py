@@ -13,11 +13,16 @@ measured as medians of interleaved repeats on the same random batches:
 - ``*-reopen``: a new reader per repeat (index and chunk caches dropped, page cache warm);
 - ``*-cold``: as reopen, and the cache's files dropped from the OS page cache first
   (``posix_fadvise(DONTNEED)``), so bytes come from the disk;
-- ``loader-Nw``: a DataLoader with N worker processes, each reading through its own
-  (pickled) ``ShardReader``, batches handed to the main process as tensors.
+- ``loader-Nw-Mt``: a DataLoader with N worker processes, each reading through its own
+  (pickled) ``ShardReader`` with M decode threads, batches handed to the main process.
 "targets" reads what training needs per view (``tokens`` + the codec's scale arrays, what
 ``read_tokens`` decodes); "all" reads every array ``distill.data.CacheViewDataset`` reads.
-Writes ``benchmarks/results/reader.json`` with machine info and a ``goals`` object.
+Scaling with loader workers (no goal, just the ratio): ``loader-1w-1t`` vs ``loader-2w-1t``
+(the cache read alone), and stage two's own loader - ``distill.data.CacheViewDataset`` in a
+DataLoader with 1 vs 2 workers - on a third int8ct cache whose rows are real views of the
+bundled demo photos, so each batch also reads and decodes the source images and re-renders
+the teacher's views, as in training.
+Writes ``benchmarks/results/reader.json`` with machine info, a ``goals`` and a ``scaling`` object.
 """
 from __future__ import annotations
 
@@ -26,9 +31,11 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +45,10 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 from zarr.core.sync import sync
 
+from hgkd.distill.data import CacheViewDataset
+from hgkd.extract.data import open_source
+from hgkd.extract.demo_data import write_demo_shards
+from hgkd.extract.views import ViewConfig, decode_image, sample_view
 from hgkd.storage.cache import STATUS_OK, FeatureCache
 from hgkd.storage.codecs import CodecSpec, encode_tokens
 from hgkd.storage.metadata import CacheMeta
@@ -59,25 +70,70 @@ def synthetic_tokens(n: int, n_tok: int, dim: int, seed: int, rank: int = 48) ->
     return x
 
 
-def build_cache(url: str, codec: str, views: int, shard_views: int, n_tok: int, dim: int) -> FeatureCache:
-    storage = dict(codec=codec, compressor="lz4", clevel=5, shard_views=shard_views, num_views=views,
+@dataclass
+class Layout:
+    """What a cache's rows are views of: metadata sections and each row's view fields."""
+
+    view: dict
+    dataset: dict
+    num_views: int
+    rows: Callable[[range], dict[str, np.ndarray]]  # key, index, crop, mask, ... of a span of rows
+    data: list[str] | None = None  # the --data the rows are views of (None: synthetic keys only)
+
+
+def synthetic_layout(views: int, n_tok: int) -> Layout:
+    """Random view fields and keys without source images (the reader arms need none)."""
+    rng = np.random.default_rng(0)
+
+    def rows(span: range) -> dict[str, np.ndarray]:
+        n = len(span)
+        mask = rng.random((n, n_tok)) < 0.6
+        return dict(mask=mask, key=np.array([f"img/{i:08d}" for i in span], dtype=object),
+                    index=np.arange(span.start, span.stop), view_index=np.zeros(n, np.int32),
+                    src_hw=np.full((n, 2), 480, np.int32), crop=rng.integers(0, 300, (n, 4)).astype(np.int32),
+                    flip=rng.random(n) < 0.5, label=rng.integers(0, 1000, n).astype(np.int32))
+
+    return Layout({"views_per_image": 1}, {"kind": "synthetic"}, views, rows)
+
+
+def photo_layout(views: int, data_dir: Path) -> Layout:
+    """Rows that are real views (``sample_view``, 224 px) of the demo photos, K per photo."""
+    pattern = write_demo_shards(data_dir)
+    source = open_source([pattern])
+    samples = list(source)
+    k_views = -(-views // len(samples))
+    view_cfg = ViewConfig(views_per_image=k_views)
+    src_hw = [tuple(decode_image(s.data).shape[1:]) for s in samples]
+
+    def rows(span: range) -> dict[str, np.ndarray]:
+        index = np.arange(span.start, span.stop) // k_views
+        params = [sample_view(view_cfg, samples[r // k_views].key, r % k_views, src_hw[r // k_views]) for r in span]
+        return dict(mask=np.stack([p.mask_hw.reshape(-1) for p in params]),
+                    key=np.array([samples[i].key for i in index], dtype=object), index=index,
+                    view_index=(np.arange(span.start, span.stop) % k_views).astype(np.int32),
+                    src_hw=np.array([src_hw[i] for i in index], np.int32),
+                    crop=np.array([p.crop_tlhw for p in params], np.int32), flip=np.array([p.flip for p in params]),
+                    label=np.array([samples[i].label for i in index], np.int32))
+
+    return Layout(view_cfg.to_json(), source.describe(), len(samples) * k_views, rows, [pattern])
+
+
+def build_cache(url: str, codec: str, layout: Layout, shard_views: int, n_tok: int, dim: int) -> FeatureCache:
+    storage = dict(codec=codec, compressor="lz4", clevel=5, shard_views=shard_views, num_views=layout.num_views,
                    num_tokens=n_tok, dim=dim)
-    meta = CacheMeta(teacher={"name": "synthetic-vit-l", "embed_dim": dim}, view={"views_per_image": 1},
-                     dataset={"kind": "synthetic"}, storage=storage)
+    side = int(round(n_tok**0.5))
+    teacher = {"name": "synthetic-vit-l", "embed_dim": dim, "patch_size": 16, "grid": [side, side]}
+    meta = CacheMeta(teacher=teacher, view=layout.view, dataset=layout.dataset, storage=storage)
     cache = FeatureCache.create(url, meta)
-    spec, rng = CodecSpec(codec, "lz4", 5), np.random.default_rng(0)
+    spec = CodecSpec(codec, "lz4", 5)
     for shard in range(cache.num_shards):
         span = cache.shard_rows(shard)
         n = len(span)
         tokens = synthetic_tokens(n, n_tok, dim, seed=shard)
         rows = encode_tokens(tokens, spec)
         pooled = torch.nn.functional.normalize(tokens.mean(1), dim=1)
-        mask = rng.random((n, n_tok)) < 0.6
-        rows.update(pooled=pooled.half().numpy(), mask=mask, valid=~mask,
-                    key=np.array([f"img/{i:08d}" for i in span], dtype=object),
-                    index=np.arange(span.start, span.stop), view_index=np.zeros(n, np.int32),
-                    src_hw=np.full((n, 2), 480, np.int32), crop=rng.integers(0, 300, (n, 4)).astype(np.int32),
-                    flip=rng.random(n) < 0.5, label=rng.integers(0, 1000, n).astype(np.int32),
+        fields = layout.rows(span)
+        rows.update(fields, pooled=pooled.half().numpy(), valid=~fields["mask"],
                     status=np.full(n, STATUS_OK, np.uint8))
         cache.write_shard(shard, rows, {"num_ok": n, "num_skipped": 0, "settings": meta.fingerprint()})
     cache.finalize()
@@ -129,19 +185,29 @@ class _ReaderDataset(Dataset):
         return self.reader.read(rows, self.names)
 
 
-def loader_views_per_s(cache: FeatureCache, names: list[str], batches: list[np.ndarray], workers: int,
-                       threads: int) -> float:
+def _as_is(batch: object) -> object:
+    return batch  # datasets here return whole batches, as stage two's does
+
+
+def _views_in(batch: object) -> int:
+    return len(batch["tokens"]) if isinstance(batch, dict) else len(batch.rows)
+
+
+def dataset_views_per_s(ds: Dataset, batches: list, workers: int) -> float:
     """Worker processes read and hand over batches; timed after every worker delivered one."""
-    ds = _ReaderDataset(ShardReader(cache, names, threads=threads), names)
-    loader = DataLoader(ds, batch_size=None, sampler=batches, num_workers=workers, prefetch_factor=4)
+    loader = DataLoader(ds, batch_size=None, sampler=batches, num_workers=workers, prefetch_factor=4,
+                        collate_fn=_as_is)
     it = iter(loader)
     for _ in range(workers):  # start-up (fork, first open) is not the reader's speed
         next(it)
     start = time.perf_counter()
-    n = 0
-    for batch in it:
-        n += len(batch["tokens"])
+    n = sum(_views_in(batch) for batch in it)
     return n / (time.perf_counter() - start)
+
+
+def loader_views_per_s(cache: FeatureCache, names: list[str], batches: list[np.ndarray], workers: int,
+                       threads: int) -> float:
+    return dataset_views_per_s(_ReaderDataset(ShardReader(cache, names, threads=threads), names), batches, workers)
 
 
 def measure_codec(cache: FeatureCache, batches: list[np.ndarray], repeats: int) -> dict:
@@ -180,6 +246,7 @@ def measure_codec(cache: FeatureCache, batches: list[np.ndarray], repeats: int) 
         "all/reader-2t": lambda: views_per_s(lambda r: warm[2].read(r, every), batches),
         "read_tokens/zarr": lambda: views_per_s(cache.read_tokens, few),
         "read_tokens/reader-2t": lambda: views_per_s(warm[2].read_tokens, some),
+        "targets/loader-1w-1t": lambda: loader_views_per_s(cache, targets, batches, 1, 1),
         "targets/loader-1w-2t": lambda: loader_views_per_s(cache, targets, batches, 1, 2),
         "targets/loader-2w-1t": lambda: loader_views_per_s(cache, targets, batches, 2, 1),
     }
@@ -190,6 +257,40 @@ def measure_codec(cache: FeatureCache, batches: list[np.ndarray], repeats: int) 
     return {name: {"median": statistics.median(v), "runs": v} for name, v in runs.items()}
 
 
+def measure_cacheview(tmp: Path, args: argparse.Namespace, n_tok: int, dim: int) -> dict:
+    """Stage two's loader (``CacheViewDataset``) with 1 vs 2 DataLoader workers, interleaved repeats."""
+    layout = photo_layout(args.views, tmp / "photos")
+    start = time.perf_counter()
+    cache = build_cache(str(tmp / "photos.zarr"), "int8ct", layout, args.shard_views, n_tok, dim)
+    built = time.perf_counter() - start
+    ds = CacheViewDataset(cache.url, layout.data)
+    rng = np.random.default_rng(1)
+    batches = [rng.choice(ds.ok_rows, args.batch_size, replace=False).tolist() for _ in range(args.view_batches)]
+    runs: dict[str, list[float]] = {"loader-1w": [], "loader-2w": []}
+    cores: dict[str, list[float]] = {"loader-1w": [], "loader-2w": []}
+    for _ in range(args.repeats):
+        for workers in (1, 2):
+            cpu, wall = cpu_seconds(), time.perf_counter()
+            runs[f"loader-{workers}w"].append(dataset_views_per_s(ds, batches, workers))
+            cores[f"loader-{workers}w"].append((cpu_seconds() - cpu) / (time.perf_counter() - wall))
+    return {"views": cache.num_views, "source_images": layout.dataset["num_samples"], "build_s": built,
+            "batches_per_measurement": len(batches),
+            # CPU seconds of this process and its (joined) workers / wall, start-up included:
+            # below the worker count, the cores were busy with other work
+            "cpu_cores_used": {name: statistics.median(v) for name, v in cores.items()},
+            "arms": {name: {"median": statistics.median(v), "runs": v} for name, v in runs.items()}}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (loader workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage,
+                                                      (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+
+def scaling_row(measure: str, one: float, two: float) -> dict:
+    return {"measure": measure, "1_worker_views_per_s": one, "2_workers_views_per_s": two, "ratio_2_vs_1": two / one}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--views", type=int, default=4096)
@@ -198,11 +299,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=64, help="random batches per measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--codecs", default="int8ct,bf16")
+    ap.add_argument("--view-batches", type=int, default=24, help="random batches per CacheViewDataset measurement")
     ap.add_argument("--quick", action="store_true", help="small cache, 1 repeat: checks the script, not the goal")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reader.json"))
     args = ap.parse_args()
     if args.quick:
-        args.views, args.shard_views, args.batches, args.repeats = 512, 128, 8, 1
+        args.views, args.shard_views, args.batches, args.repeats, args.view_batches = 512, 128, 8, 1, 6
     n_tok, dim = 196, 1024
     rng = np.random.default_rng(0)
     batches = [np.sort(rng.choice(args.views, args.batch_size, replace=False)) for _ in range(args.batches)]
@@ -211,13 +313,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for codec in args.codecs.split(","):
             start = time.perf_counter()
-            cache = build_cache(str(Path(tmp) / f"{codec}.zarr"), codec, args.views, args.shard_views, n_tok, dim)
+            layout = synthetic_layout(args.views, n_tok)
+            cache = build_cache(str(Path(tmp) / f"{codec}.zarr"), codec, layout, args.shard_views, n_tok, dim)
             built = time.perf_counter() - start
             arms = measure_codec(cache, batches, args.repeats)
             results[codec] = {"bytes_per_view": cache.group["tokens"].nbytes_stored() / args.views,
                               "build_s": built, "arms": arms}
             print_table(codec, arms)
-    main_arms = results.get("int8ct", next(iter(results.values())))["arms"]
+        cacheview = measure_cacheview(Path(tmp), args, n_tok, dim)
+    main_codec = "int8ct" if "int8ct" in results else next(iter(results))
+    read_arms, view_arms = results[main_codec]["arms"], cacheview["arms"]
+    scaling = {
+        "cache_reader_loader_workers": scaling_row(
+            f"ShardReader (1 decode thread per worker) in a DataLoader, tokens + scale arrays of {main_codec}/lz4, "
+            "random batches of 64", read_arms["targets/loader-1w-1t"]["median"],
+            read_arms["targets/loader-2w-1t"]["median"]),
+        "cacheview_loader_workers": {**scaling_row(
+            "distill.data.CacheViewDataset in a DataLoader (cache rows + source image decode + view render), "
+            "int8ct/lz4, random batches of 64", view_arms["loader-1w"]["median"], view_arms["loader-2w"]["median"]),
+            **{k: v for k, v in cacheview.items() if k != "arms"}, "runs": {k: v["runs"] for k, v in view_arms.items()}},
+    }
+    print_scaling(scaling)
+    main_arms = results[main_codec]["arms"]
     value = main_arms["targets/reader-2t"]["median"]
     others = {f"{codec}/{arm}": row["arms"][f"targets/{arm}"]["median"] for codec, row in results.items()
               for arm in ("reader-2t", "reader-2t-cold", "loader-2w-1t")}
@@ -228,7 +345,7 @@ def main() -> None:
                     "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
         "views": args.views, "shard_views": args.shard_views, "batch_size": args.batch_size,
         "batches_per_measurement": args.batches, "repeats": args.repeats, "tokens": [n_tok, dim],
-        "codecs": results,
+        "codecs": results, "scaling": scaling,
         "goals": {"P2b_reader_random_batches_64": {
             "value": value, "goal": GOAL, "met": value >= GOAL,
             "measure": "ShardReader, 2 threads, warm, tokens + scale arrays of int8ct/lz4, random batches of 64",
@@ -250,6 +367,17 @@ def print_table(codec: str, arms: dict) -> None:
         for ref in (f"{set_}/zarr", f"{set_}/zarr-rows" + ("-cold" if name.endswith("-cold") else "")):
             ratios.append(f"{value / med[ref]:.2f}" if ref in med else "-")
         print(f"{name:<28}{value:>10,.0f}{ratios[0]:>21}{ratios[1]:>13}")
+
+
+def print_scaling(scaling: dict) -> None:
+    print("\nscaling with DataLoader workers, random batches of 64, views/s (median of repeats)")
+    print(f"{'loader':<32}{'1 worker':>10}{'2 workers':>11}{'ratio':>8}")
+    for name, row in scaling.items():
+        print(f"{name:<32}{row['1_worker_views_per_s']:>10,.0f}{row['2_workers_views_per_s']:>11,.0f}"
+              f"{row['ratio_2_vs_1']:>8.2f}")
+        if "cpu_cores_used" in row:
+            print(f"{'  CPU cores used':<32}{row['cpu_cores_used']['loader-1w']:>10.2f}"
+                  f"{row['cpu_cores_used']['loader-2w']:>11.2f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 ``.venv/bin/python benchmarks/run_all.py [--quick]``. Each script measures its comparison
 side by side in one run and writes ``benchmarks/results/<name>.json`` (``--quick`` checks the
-scripts with tiny models and writes nothing). The same scripts run unchanged on a GPU.
+scripts with tiny models and writes nothing). The same scripts run unchanged on a GPU. Scaling
+rows (1 vs 2 writer processes or loader workers; no goal, just the ratio) follow the goals.
 """
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ def main() -> None:
         cmd = [sys.executable, str(HERE / f"{name}.py"), *(["--quick"] if args.quick else [])]
         if subprocess.run(cmd).returncode != 0:
             failed.append(name)
+    results = {name: json.loads(path.read_text()) for name in SCRIPTS
+               if (path := HERE / "results" / f"{name}.json").exists()}
     print(f"\n{'goal':<40}{'value':>14}{'goal':>10}  met")
-    for name in SCRIPTS:
-        path = HERE / "results" / f"{name}.json"
-        if not path.exists():
-            continue
-        for goal, row in json.loads(path.read_text()).get("goals", {}).items():
+    for result in results.values():
+        for goal, row in result.get("goals", {}).items():
             print(f"{goal:<40}{row['value']:>14,.3f}{row['goal']:>10,}  {'yes' if row['met'] else 'NO'}")
+    print(f"\n{'scaling, views/s':<40}{'1':>10}{'2':>10}{'ratio':>8}")
+    for result in results.values():
+        for name, row in result.get("scaling", {}).items():
+            one, two = (v for k, v in row.items() if k.endswith("_views_per_s"))
+            print(f"{name:<40}{one:>10,.1f}{two:>10,.1f}{row['ratio_2_vs_1']:>8.3f}")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
