@@ -36,16 +36,17 @@ def bar_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [c for c in metric_columns(rows) if c.endswith("top1")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * max(1, len(metrics))), 4))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.45 * len(rows) * max(1, len(metrics)))), 4.5))
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
-        values = [row.get(m, 0.0) or 0.0 for m in metrics]
-        bars = ax.bar([j + i * width for j in range(len(metrics))], values, width, label=row["variant"])
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        values = [row[m] if isinstance(row.get(m), float) else float("nan") for m in metrics]  # missing: no bar
+        bars = ax.bar([j + i * width for j in range(len(metrics))], values, width, label=row["variant"],
+                      color=plt.cm.tab20(i % 20))
+        ax.bar_label(bars, labels=["" if v != v else f"{v:.1f}" for v in values], fontsize=6, rotation=90)
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(metrics))], metrics)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=max(1, len(rows) // 8), loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
