@@ -97,6 +97,9 @@ class ClassifierNet(nn.Module):
         self.dims = NetDims(tuple(self.encoder.stage_channels), self.encoder.stage_channels[-1], num_classes)
         self.head = nn.Linear(self.dims.embed_dim, num_classes)
         self.branches = make_branches(self.dims.stage_channels, num_classes) if branches else None
+        # uint8-range normalisation constants; not persistent, so saved files hold weights only
+        self.register_buffer("pixel_mean", torch.tensor(self.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.std).view(1, 3, 1, 1) * 255, persistent=False)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -105,6 +108,10 @@ class ClassifierNet(nn.Module):
     @property
     def std(self) -> tuple[float, ...]:
         return tuple(self.encoder.std)
+
+    def normalise(self, images_bchw: Tensor) -> Tensor:
+        """uint8-valued images -> the input this net expects (its encoder's mean/std)."""
+        return (images_bchw.float() - self.pixel_mean) / self.pixel_std
 
     def forward_outputs(self, images_bchw: Tensor, visible_bhw: Tensor | None = None) -> NetOutputs:
         stages, embedding_bd = self.encoder(images_bchw)

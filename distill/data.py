@@ -119,6 +119,11 @@ class Batch:
         return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in moved))
 
 
+def whole_batch(batch: Batch) -> Batch:
+    """DataLoader ``collate_fn``: these datasets already return whole batches."""
+    return batch
+
+
 class CacheViewDataset(Dataset):
     """Index with a list of cache rows; returns one :class:`Batch`."""
 

@@ -119,8 +119,6 @@ class ClassifierTargets:
         self.dims = self.teacher.dims
         self.num_samples = self.dataset.num_samples
         self.img_size = self.teacher.img_size
-        self.mean = torch.tensor(self.teacher.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(self.teacher.std, device=device).view(1, 3, 1, 1) * 255
         blob = json.dumps([sha256_file(cfg.teacher_classifier), view.to_json(), self.dataset.source.source.fingerprint()])
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         self.amp = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
@@ -137,7 +135,7 @@ class ClassifierTargets:
     @torch.no_grad()
     def outputs(self, batch: Batch, images_bchw: torch.Tensor) -> NetOutputs:
         """Teacher outputs on exactly the (prepared, e.g. rotated) images the student sees."""
-        x = (images_bchw.float() - self.mean) / self.std
+        x = self.teacher.normalise(images_bchw)
         with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None):
             out = self.teacher.forward_outputs(x)
         return out.detach()

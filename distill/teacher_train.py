@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from ..errors import HgkdError
 from ..extract.views import ViewConfig
 from .classifier import ClassifierNet, save_classifier
-from .data import OnlineViewDataset, ViewCycleSampler
+from .data import OnlineViewDataset, ViewCycleSampler, whole_batch
 from .methods.hsakd import joint_labels, rotate_batch, unrotated
 
 log = logging.getLogger(__name__)
@@ -50,26 +50,16 @@ class TeacherConfig:
     test_data: list[str] = field(default_factory=list)  # held-out labelled data for the reported accuracy
 
 
-def _whole_batch(batch: object) -> object:
-    return batch  # the dataset returns whole batches
-
-
 def _loader(dataset: OnlineViewDataset, sampler: ViewCycleSampler, workers: int) -> DataLoader:
-    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers, collate_fn=_whole_batch,
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers, collate_fn=whole_batch,
                       persistent_workers=workers > 0)
-
-
-def _normalise(net: ClassifierNet, images_bchw: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(net.mean, device=images_bchw.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(net.std, device=images_bchw.device).view(1, 3, 1, 1) * 255
-    return (images_bchw.float() - mean) / std
 
 
 def teacher_loss(net: ClassifierNet, images_bchw: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
     """CE on the labels; with branches, HSAKD's CE(unrotated) + sum_l CE(branch_l, 4y + r)."""
     if net.branches is None:
-        return F.cross_entropy(net(_normalise(net, images_bchw)), labels_b)
-    out = net.forward_outputs(_normalise(net, rotate_batch(images_bchw)))
+        return F.cross_entropy(net(net.normalise(images_bchw)), labels_b)
+    out = net.forward_outputs(net.normalise(rotate_batch(images_bchw)))
     joint = joint_labels(labels_b)
     return F.cross_entropy(unrotated(out.logits), labels_b) + sum(
         F.cross_entropy(branch, joint) for branch in out.branch_logits)
@@ -85,7 +75,7 @@ def accuracy(net: ClassifierNet, data: list[str], batch_size: int = 128) -> floa
     correct = total = 0
     for start in range(0, dataset.num_samples, batch_size):
         batch = dataset[list(range(start, min(start + batch_size, dataset.num_samples)))]
-        pred = net(_normalise(net, batch.images.to(device))).argmax(1).cpu()
+        pred = net(net.normalise(batch.images.to(device))).argmax(1).cpu()
         correct += int((pred == batch.labels).sum())
         total += len(batch.labels)
     return 100.0 * correct / max(total, 1)

@@ -30,7 +30,7 @@ from ..errors import HgkdError
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .classifier import ClassifierNet
 from .config import DistillConfig
-from .data import Batch
+from .data import Batch, whole_batch
 from .methods import DistillMethod, MethodContext, NetDims, create_method, method_class
 from .outputs import NetOutputs
 from .students import STRIDES, create_encoder
@@ -202,9 +202,7 @@ class Trainer:
         return self.ddp(x, visible, teacher, labels, batch.indices)
 
     def step(self, batch: Batch) -> dict[str, float]:
-        self.ddp.train()
-        if self.supervised:
-            self.targets.teacher.eval()
+        self.ddp.train()  # student + method only; a classifier teacher stays in eval mode
         terms = self.losses(self.targets.complete(batch.to(self.device)))
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -223,7 +221,7 @@ class Trainer:
             # its own generator: creating an iterator (each epoch, and on resume) must not draw
             # from the global RNG that the step uses (CRD's negatives) and the checkpoint restores
             self._loader = DataLoader(self.dataset, sampler=self.sampler, batch_size=None,
-                                      num_workers=self.cfg.workers, collate_fn=_as_is,
+                                      num_workers=self.cfg.workers, collate_fn=whole_batch,
                                       generator=torch.Generator().manual_seed(self.cfg.seed),
                                       pin_memory=self.device.type == "cuda",
                                       persistent_workers=self.cfg.workers > 0)
@@ -273,10 +271,6 @@ def make_dir(path: Path, option: str) -> None:
     except OSError as err:
         raise HgkdError(f"{option} {path}: cannot create the directory ({err.strerror or err}); "
                         f"choose another {option}") from None
-
-
-def _as_is(batch: Batch) -> Batch:
-    return batch  # the dataset already returns whole batches
 
 
 class MetricsLog:

@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -139,14 +139,24 @@ def teacher_row(path: str) -> dict[str, Any]:
     return row
 
 
+def kept_json(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """An evaluation's result: read back if ``path`` exists, else computed and written there."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def stage_classifier_eval(spec: PipelineSpec, variant: dict[str, Any]) -> dict[str, float]:
     """A supervised student's own head on the held-out set (the KD papers' metric), kept as JSON."""
-    path = spec.out_dir / "eval" / variant["name"] / "classifier.json"
-    if not path.exists():
+    def compute() -> dict[str, Any]:
         net = load_run_classifier(spec.out_dir / "runs" / variant["name"], int(spec.teacher.get("img_size", 224)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"top1": accuracy(net, spec.eval.test)}, indent=2))
-    return {"classifier_top1": float(json.loads(path.read_text())["top1"])}
+        return {"top1": accuracy(net, spec.eval.test)}
+
+    result = kept_json(spec.out_dir / "eval" / variant["name"] / "classifier.json", compute)
+    return {"classifier_top1": float(result["top1"])}
 
 
 def distill_config(spec: PipelineSpec, variant: dict[str, Any], cache_url: str | None,
@@ -185,13 +195,8 @@ def stage_eval(spec: PipelineSpec, variant: dict[str, Any], model: str) -> dict[
 
     metrics: dict[str, float] = {}
     for task in spec.eval.tasks:
-        path = spec.out_dir / "eval" / variant["name"] / f"{task}.json"
-        if path.exists():
-            result = json.loads(path.read_text())
-        else:
-            result = evaluate_task(task, model, spec.eval)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(result, indent=2))
+        result = kept_json(spec.out_dir / "eval" / variant["name"] / f"{task}.json",
+                           lambda: evaluate_task(task, model, spec.eval))
         metrics[f"{task}_top1"] = float(result["top1"])
         if "top5" in result:
             metrics[f"{task}_top5"] = float(result["top5"])
