@@ -10,7 +10,7 @@ from click.core import ParameterSource
 import yaml
 
 from ..errors import HgkdError, user_errors
-from .config import SPARSE_BACKENDS, DistillConfig, load_yaml
+from .config import SPARSE_BACKENDS, STUDENT_MASKS, DistillConfig, load_yaml
 from .methods import METHODS
 
 
@@ -71,6 +71,15 @@ def main(verbose: bool) -> None:
 @click.option("--mask-ratio", type=float, default=0.6, show_default=True, help="Online teacher only.")
 @click.option("--mask-granularity", type=click.Choice(["16", "32"]), default="16", show_default=True,
               help="Online teacher only.")
+@click.option("--teacher-view", type=click.Choice(["masked", "full"]), default="masked", show_default=True,
+              help="Online teacher only: 'full' shows the teacher the unmasked view.")
+@click.option("--online-views", type=int, default=0, show_default=True,
+              help="Online teacher: views cycled over epochs (view e mod K, as a K-view cache); 0: a fresh view "
+                   "every epoch.")
+@click.option("--cache-views", type=int, default=0, show_default=True,
+              help="Use views 0..K-1 of the cache (epoch e shows view e mod K); 0: every view it holds.")
+@click.option("--student-mask", type=click.Choice(STUDENT_MASKS), default="cached", show_default=True,
+              help="'fresh': a new student mask every epoch (needs full-view teacher targets).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @user_errors
 def run(config_file: str | None, resume: bool, **opts) -> None:

@@ -15,6 +15,7 @@ from ..config import load_mapping
 from ..errors import HgkdError
 
 SPARSE_BACKENDS = ("minkowski", "masked")
+STUDENT_MASKS = ("cached", "fresh")
 
 
 @dataclass
@@ -47,12 +48,17 @@ class DistillConfig:
     amp: bool = True  # bf16 autocast on CUDA; CPU runs fp32
     checkpoint_every: int = 0  # steps; 0 = at epoch ends only
     log_every: int = 10
+    # views budget (issue 12): an epoch is one pass over the images; image i shows view e mod K in epoch e
+    cache_views: int = 0  # K: use views 0..K-1 of the cache; 0 = every view it holds
+    student_mask: str = "cached"  # "fresh": a new student mask every epoch (full-view teacher targets only)
     # --online-teacher: run this registered teacher on every batch instead of reading a cache
     online_teacher: str | None = None
     teacher_checkpoint: str | None = None
     img_size: int = 224
     mask_ratio: float = 0.6
     mask_granularity: int = 16
+    teacher_view: str = "masked"  # "full": the online teacher sees the unmasked view (extract's --teacher-view)
+    online_views: int = 0  # views cycled over epochs (view e mod K); 0 = a fresh view every epoch (the paper)
     # supervised baselines: a frozen classifier teacher written by 'hgkd-distill teacher'
     teacher_classifier: str | None = None
     views_per_image: int = 0  # views cycled over epochs; 0 = a fresh view every epoch
@@ -72,6 +78,10 @@ class DistillConfig:
             raise HgkdError(f"--warmup-epochs {self.warmup_epochs} must be between 0 and --epochs {self.epochs}")
         if self.batch_size < 1 or self.epochs < 1:
             raise HgkdError("--batch-size and --epochs must be positive")
+        if self.student_mask not in STUDENT_MASKS:
+            raise HgkdError(f"--student-mask {self.student_mask!r}: choose one of {', '.join(STUDENT_MASKS)}")
+        if self.cache_views < 0 or self.online_views < 0:
+            raise HgkdError("--cache-views and --online-views must be >= 0 (0: all cached views / fresh views)")
 
     @property
     def encoder_backend(self) -> str:
