@@ -62,6 +62,9 @@ def run(**opts) -> None:
         rank=opts["rank"], world_size=opts["world_size"], init_seed=opts["init_seed"], progress=not opts["no_progress"],
     )
     report = run_extract(cfg)
+    if report.grown_from is not None:
+        click.echo(f"{cfg.out}: grew from {report.grown_from} to {cfg.view.views_per_image} views per image "
+                   f"(views {report.grown_from}-{cfg.view.views_per_image - 1} appended; earlier views kept)")
     state = "complete" if report.complete else "incomplete (other shards pending)"
     click.echo(f"{cfg.out}: wrote {report.views_written} views in {len(report.shards_written)} shards "
                f"({report.views_written / max(report.seconds, 1e-9):.1f} views/s); cache {state}")
@@ -85,24 +88,29 @@ def verify(cache: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the full metadata as JSON.")
 @user_errors
 def info(cache: str, as_json: bool) -> None:
-    """Print the cache's metadata and stored bytes per view."""
+    """Print the cache's metadata, growth history, teacher forwards spent and bytes per view."""
     fc = FeatureCache.open(cache)
-    done = fc.completed_shards()
-    views_done = sum(len(fc.shard_rows(s)) for s in done)
-    meta = fc.meta.to_json()
+    cost = fc.cost_summary()
     if as_json:
-        click.echo(json.dumps(meta, indent=2))
+        click.echo(json.dumps({**fc.meta.to_json(), "cost": cost}, indent=2))
         return
     st, t, v = fc.meta.storage, fc.meta.teacher, fc.meta.view
-    click.echo(f"cache      {cache} ({fc.meta.status}; {len(done)}/{fc.num_shards} shards)")
+    click.echo(f"cache      {cache} ({fc.meta.status}; {cost['shards_done']}/{fc.num_shards} shards)")
     click.echo(f"teacher    {t['name']} sha256={t['checkpoint_sha256'] or 'random-init'} dim={t['embed_dim']} grid={t['grid']}")
-    click.echo(f"views      {st['num_views']} ({fc.meta.dataset['num_samples']} samples x {v['views_per_image']}), "
+    click.echo(f"views      {fc.view_rows()} ({fc.meta.dataset['num_samples']} samples x {v['views_per_image']}), "
                f"mask {v['mask_ratio']} @ {v['mask_granularity']}px, teacher_view={v['teacher_view']}, seed={v['seed']}")
+    steps = [f"views {b.view_start}-{b.view_stop - 1} in rows {b.rows.start}-{b.rows.stop - 1}"
+             + (f" (grown {b.added})" if b.added else "") for b in fc.blocks]
+    click.echo(f"K history  {'; '.join(steps)}")
     click.echo(f"data       {fc.meta.dataset['kind']} {' '.join(fc.meta.dataset['spec'])} fingerprint={fc.meta.dataset['fingerprint'][:16]}")
     click.echo(f"storage    codec={st['codec']} compressor={st['compressor']}({st['clevel']}) shard_views={st['shard_views']}")
-    if views_done:
-        click.echo(f"size       {fc.nbytes_stored() / views_done / 1024:.1f} KiB per view stored")
-    click.echo(f"skipped    {len(fc.meta.skipped)} undecodable samples")
+    click.echo(f"cost       {cost['teacher_forwards']} teacher forwards spent (views extracted), "
+               f"{cost['bytes_stored'] / 2**20:.1f} MiB stored")
+    if cost["bytes_per_view"]:
+        click.echo(f"size       {cost['bytes_per_view'] / 1024:.1f} KiB per view stored")
+    reasons = cost["skipped_samples"]
+    detail = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    click.echo(f"skipped    {sum(reasons.values())} samples{': ' + detail if detail else ''}")
 
 
 @main.command()

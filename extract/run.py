@@ -4,6 +4,10 @@ Shards are processed in order; a process works on a shard only if it is not yet 
 belongs to its ``rank`` and its lock can be taken, so re-running the same command resumes,
 and several processes on one cache split the shards between them. Batches start at shard
 boundaries, so a resumed run computes exactly what an uninterrupted one would.
+
+Growing (issue 12): the same command with a larger ``--views-per-image`` on a complete cache
+appends a row block for the new views only (``FeatureCache.grow``) and fills its shards like
+any other run: same locks, completion records and resume.
 """
 from __future__ import annotations
 
@@ -22,10 +26,10 @@ import torch
 from tqdm import tqdm
 
 from ..errors import HgkdError
-from ..storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache
+from ..storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache, RowBlock
 from ..storage.codecs import CodecSpec, encode_tokens
 from ..storage.locks import ShardLock, creation_lock
-from ..storage.metadata import CacheMeta
+from ..storage.metadata import SKIP_NO_IMAGE, SKIP_UNDECODABLE, CacheMeta
 from ..version import __version__
 from .data import DataSource, Sample, open_source
 from .teachers.base import Teacher, create_teacher, sha256_file
@@ -64,6 +68,7 @@ class ExtractReport:
     seconds: float
     teacher_seconds: float  # wall time inside the teacher forward (device synchronised)
     complete: bool
+    grown_from: int | None = None  # views per image before this run grew the cache (issue 12)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,8 +118,11 @@ def build_meta(cfg: ExtractConfig, teacher: Teacher, source: DataSource) -> Cach
     )
 
 
-def open_or_create(cfg: ExtractConfig, meta: CacheMeta) -> FeatureCache:
-    """Create the cache, or reopen it for resuming when its settings match exactly."""
+def open_or_create(cfg: ExtractConfig, meta: CacheMeta) -> tuple[FeatureCache, int | None]:
+    """Create the cache, reopen it for resuming when its settings match exactly, or grow it.
+
+    Returns the cache and, when this call grew it, its views per image before.
+    """
     if "://" not in cfg.out:
         try:
             os.makedirs(cfg.out, exist_ok=True)
@@ -124,15 +132,34 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta) -> FeatureCache:
             raise HgkdError(f"--out {cfg.out}: directory is not writable")
     with creation_lock(cfg.out) if "://" not in cfg.out else nullcontext():
         if not FeatureCache.exists(cfg.out):
-            return FeatureCache.create(cfg.out, meta)
+            return FeatureCache.create(cfg.out, meta), None
         cache = FeatureCache.open(cfg.out, mode="r+")
-    diff = meta.differences(cache.meta)
+        if not _growth_views(cfg, meta, cache):
+            return cache, None
+        before = int(cache.meta.view["views_per_image"])
+        cache.grow(cfg.view.views_per_image, added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        return cache, before
+
+
+def _growth_views(cfg: ExtractConfig, meta: CacheMeta, cache: FeatureCache) -> int:
+    """How many views per image this run appends to an existing cache (0: resume); refuses the rest."""
+    diff = meta.differences(cache.meta, growth=True)
     if diff:
         raise HgkdError(
             f"--out {cfg.out} holds a cache made with other settings ({'; '.join(diff[:3])}); "
             "use a new --out or the original settings"
         )
-    return cache
+    want, have = cfg.view.views_per_image, int(cache.meta.view["views_per_image"])
+    if want < have:
+        raise HgkdError(f"--views-per-image {want}: --out {cfg.out} already holds {have} views per image and a "
+                        f"cache cannot shrink; pass --views-per-image {have} (runs may use fewer) or a new --out")
+    if want > have and not cache.is_complete():
+        raise HgkdError(f"--views-per-image {want}: --out {cfg.out} is not complete at {have} views per image; "
+                        f"finish it with --views-per-image {have} first, then grow it")
+    if want > have and cache.shard_views % (want - have):
+        raise HgkdError(f"--views-per-image {want}: the {want - have} new views per image do not divide this "
+                        f"cache's --shard-views {cache.shard_views}; grow by a divisor of {cache.shard_views}")
+    return want - have
 
 
 @dataclass
@@ -144,18 +171,20 @@ class Prepared:
     views_kchw: torch.Tensor | None = None
     src_hw: tuple[int, int] = (0, 0)
     error: str | None = None
+    reason: str | None = None  # SKIP_NO_IMAGE or SKIP_UNDECODABLE when skipped
 
 
-def prepare_sample(sample: Sample, view_cfg: ViewConfig) -> Prepared:
-    """Decode one sample and render its K views (runs on a worker thread)."""
+def prepare_sample(sample: Sample, view_cfg: ViewConfig, view_ids: range | None = None) -> Prepared:
+    """Decode one sample and render views ``view_ids`` (default: all K) on a worker thread."""
     if sample.data is None:
-        return Prepared(sample, error="sample has no image member")
+        return Prepared(sample, error="sample has no image member", reason=SKIP_NO_IMAGE)
     try:
         image = decode_image(sample.data)
     except Exception as err:  # undecodable/truncated image: skipped and counted
-        return Prepared(sample, error=f"{type(err).__name__}: {err}")
+        return Prepared(sample, error=f"{type(err).__name__}: {err}", reason=SKIP_UNDECODABLE)
     hw = (int(image.shape[1]), int(image.shape[2]))
-    params = [sample_view(view_cfg, sample.key, k, hw) for k in range(view_cfg.views_per_image)]
+    view_ids = range(view_cfg.views_per_image) if view_ids is None else view_ids
+    params = [sample_view(view_cfg, sample.key, k, hw) for k in view_ids]
     views = torch.stack([render_view(image, p, view_cfg) for p in params])
     return Prepared(sample, params, views, hw)
 
@@ -198,14 +227,15 @@ class Extractor:
         self.teacher_seconds += time.perf_counter() - start
         return out
 
-    def rows_for(self, prepared: list[Prepared], buffer: ShardBuffer) -> None:
-        """Run the teacher on a batch and put every view's row into the shard buffer."""
-        k_views = self.cfg.view.views_per_image
+    def rows_for(self, prepared: list[Prepared], buffer: ShardBuffer, block: RowBlock) -> None:
+        """Run the teacher on a batch and put the block's views of each sample into the shard buffer."""
+        k_views = block.views_per_sample
         for p in prepared:
             if p.error is not None:
-                fields = {**self._base_fields(p.sample, k_views), "status": np.full(k_views, STATUS_SKIPPED, np.uint8)}
-                buffer.put(p.sample.index * k_views, fields)
-                buffer.skipped.append({"key": p.sample.key, "index": p.sample.index, "error": p.error[:300]})
+                fields = {**self._base_fields(p.sample, block), "status": np.full(k_views, STATUS_SKIPPED, np.uint8)}
+                buffer.put(block.row(p.sample.index, block.view_start), fields)
+                buffer.skipped.append({"key": p.sample.key, "index": p.sample.index, "reason": p.reason,
+                                       "error": p.error[:300]})
         ok = [p for p in prepared if p.error is None]
         if not ok:
             return
@@ -216,20 +246,21 @@ class Extractor:
         for i, p in enumerate(ok):
             fields = {name: arr[i * k_views : (i + 1) * k_views] for name, arr in encoded.items()}
             fields.update(
-                self._base_fields(p.sample, k_views),
+                self._base_fields(p.sample, block),
                 crop=np.array([v.crop_tlhw for v in p.params], np.int32),
                 flip=np.array([v.flip for v in p.params]),
                 src_hw=np.array([p.src_hw] * k_views, np.int32),
                 status=np.full(k_views, STATUS_OK, np.uint8),
             )
-            buffer.put(p.sample.index * k_views, fields)
+            buffer.put(block.row(p.sample.index, block.view_start), fields)
 
     @staticmethod
-    def _base_fields(sample: Sample, k_views: int) -> dict[str, np.ndarray]:
+    def _base_fields(sample: Sample, block: RowBlock) -> dict[str, np.ndarray]:
+        k_views = block.views_per_sample
         return {
             "key": np.array([sample.key] * k_views, dtype=object),
             "index": np.full(k_views, sample.index, np.int64),
-            "view_index": np.arange(k_views, dtype=np.int32),
+            "view_index": np.arange(block.view_start, block.view_stop, dtype=np.int32),
             "label": np.full(k_views, sample.label, np.int32),
         }
 
@@ -240,47 +271,60 @@ def _batched(items: Iterator, n: int) -> Iterator[list]:
 
 
 def run_extract(cfg: ExtractConfig) -> ExtractReport:
-    """Fill (or resume filling) the cache at ``cfg.out``; returns what this process did."""
-    if cfg.shard_views % cfg.view.views_per_image:
+    """Fill (or resume filling, or grow) the cache at ``cfg.out``; returns what this process did."""
+    if cfg.shard_views % cfg.view.views_per_image and not FeatureCache.exists(cfg.out):  # growth: checked on open
         raise HgkdError(f"--shard-views {cfg.shard_views} must be a multiple of --views-per-image {cfg.view.views_per_image}")
     if not 0 <= cfg.rank < cfg.world_size:
         raise HgkdError(f"--rank {cfg.rank} must be in [0, --world-size {cfg.world_size})")
     device = resolve_device(cfg.device)
     source = open_source(cfg.data)
     teacher = load_teacher(cfg, device)
-    cache = open_or_create(cfg, build_meta(cfg, teacher, source))
+    cache, grown_from = open_or_create(cfg, build_meta(cfg, teacher, source))
     extractor = Extractor(cfg, teacher, device)
     writer = BackgroundWriter(cache)
-    samples_per_shard = cfg.shard_views // cfg.view.views_per_image
-    batch_samples = max(1, cfg.batch_size // cfg.view.views_per_image)
     done = cache.completed_shards()
-    bar = tqdm(total=cache.num_views, initial=sum(len(cache.shard_rows(s)) for s in done), unit="view",
+    bar = tqdm(total=cache.view_rows(), initial=sum(len(cache.shard_rows(s)) for s in done), unit="view",
                desc="extract", disable=not cfg.progress, smoothing=0.1)
     written: list[int] = []
     start = time.perf_counter()
-    samples = iter(source)
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool, _storage_errors(cfg.out, writer):
-        for shard in range(cache.num_shards):
-            shard_samples = islice(samples, samples_per_shard)
-            lock = _claim(cache, shard, cfg, done)
-            if lock is False:
-                for _ in shard_samples:  # consume without decoding
-                    pass
-                continue
-            buffer = ShardBuffer(cache, shard)
-            for prepared in _prefetched(pool, _batched(shard_samples, batch_samples), cfg.view):
-                extractor.rows_for(prepared, buffer)
-                bar.update(len(prepared) * cfg.view.views_per_image)
-            record = _record(buffer, cache)
-            writer.submit(buffer, record, lock or None)
-            written.append(shard)
+        for block in cache.blocks:
+            written += _fill_block(cache, block, source, cfg, done, pool, extractor, writer, bar)
     bar.close()
     complete = cache.finalize()
     seconds = time.perf_counter() - start
     views = sum(len(cache.shard_rows(s)) for s in written)
     log.info("wrote %d shards (%d views) in %.1fs, %.0f%% of it in the teacher forward; cache complete: %s",
              len(written), views, seconds, 100 * extractor.teacher_seconds / max(seconds, 1e-9), complete)
-    return ExtractReport(cache, written, views, seconds, extractor.teacher_seconds, complete)
+    return ExtractReport(cache, written, views, seconds, extractor.teacher_seconds, complete, grown_from)
+
+
+def _fill_block(cache: FeatureCache, block: RowBlock, source: DataSource, cfg: ExtractConfig, done: set[int],
+                pool: ThreadPoolExecutor, extractor: Extractor, writer: BackgroundWriter, bar: tqdm) -> list[int]:
+    """Write this process's pending shards of one row block (one pass over the data up to the last)."""
+    shards = cache.shards_of(block)
+    todo = [s for s in shards if s % cfg.world_size == cfg.rank and s not in done]
+    if not todo:
+        return []
+    samples = iter(source)
+    samples_per_shard = cache.shard_views // block.views_per_sample
+    batch_samples = max(1, cfg.batch_size // block.views_per_sample)
+    view_ids = range(block.view_start, block.view_stop)
+    written = []
+    for shard in range(shards.start, todo[-1] + 1):
+        shard_samples = islice(samples, samples_per_shard)
+        lock = _claim(cache, shard, cfg, done)
+        if lock is False:
+            for _ in shard_samples:  # consume without decoding
+                pass
+            continue
+        buffer = ShardBuffer(cache, shard)
+        for prepared in _prefetched(pool, _batched(shard_samples, batch_samples), cfg.view, view_ids):
+            extractor.rows_for(prepared, buffer, block)
+            bar.update(len(prepared) * block.views_per_sample)
+        writer.submit(buffer, _record(buffer, cache), lock or None)
+        written.append(shard)
+    return written
 
 
 @contextmanager
@@ -294,11 +338,12 @@ def _storage_errors(out: str, writer: BackgroundWriter) -> Iterator[None]:
                         "the storage, then re-run the same command to resume") from None
 
 
-def _prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[Sample]], view_cfg: ViewConfig) -> Iterator[list[Prepared]]:
+def _prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[Sample]], view_cfg: ViewConfig,
+                view_ids: range) -> Iterator[list[Prepared]]:
     """Prepared batches, decoding batch i+1 on the pool while the caller runs batch i."""
     pending = None
     for batch in batches:
-        futures = [pool.submit(prepare_sample, sample, view_cfg) for sample in batch]
+        futures = [pool.submit(prepare_sample, sample, view_cfg, view_ids) for sample in batch]
         if pending is not None:
             yield [f.result() for f in pending]
         pending = futures

@@ -7,12 +7,18 @@ use one chunk per cache shard. A writer therefore owns whole files (see ``locks.
 each array once per shard, and only then records the shard as complete in
 ``shards/<index>`` (a Zarr group whose attributes are the completion record). Readers and
 ``verify`` trust only rows of completed shards.
+
+Growing a cache (issue 12) appends a :class:`RowBlock` of rows for the new views of every
+sample: the arrays are resized (no existing file changes) and the block starts at the next
+shard boundary, so every shard belongs to one block and new shards are new files. When the
+last old shard was partial, the rows between its end and the new block are padding: never
+written, status 0 (``STATUS_MISSING``), outside every block.
 """
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -22,13 +28,50 @@ import zarr.storage
 
 from ..errors import HgkdError
 from .codecs import CodecSpec, decode_tokens
-from .metadata import FORMAT, CacheMeta
+from .metadata import FORMAT, CacheMeta, skip_reason
 
 log = logging.getLogger(__name__)
 
 ATTR = "hgkd"
 SHARDS_GROUP = "shards"
 STATUS_MISSING, STATUS_OK, STATUS_SKIPPED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``first_row ..`` hold views ``view_start .. view_stop - 1`` of every sample, image-major."""
+
+    view_start: int
+    view_stop: int
+    first_row: int
+    num_samples: int
+    added: str | None = None  # UTC time of the growth step (None for the first block)
+
+    @property
+    def views_per_sample(self) -> int:
+        return self.view_stop - self.view_start
+
+    @property
+    def rows(self) -> range:
+        return range(self.first_row, self.first_row + self.num_samples * self.views_per_sample)
+
+    def row(self, index: int, view: int) -> int:
+        """Cache row of view ``view`` of sample ``index``."""
+        return self.first_row + index * self.views_per_sample + view - self.view_start
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sample index, view index) of each row of this block."""
+        index, k = np.divmod(np.asarray(rows, np.int64) - self.first_row, self.views_per_sample)
+        return index, k + self.view_start
+
+    def to_json(self) -> dict[str, Any]:
+        return {"views": [self.view_start, self.view_stop], "rows": [self.rows.start, self.rows.stop],
+                "added": self.added}
+
+    @classmethod
+    def from_json(cls, blob: dict[str, Any]) -> "RowBlock":
+        (v0, v1), (r0, r1) = blob["views"], blob["rows"]
+        return cls(v0, v1, r0, (r1 - r0) // (v1 - v0), blob.get("added"))
 
 
 @dataclass(frozen=True)
@@ -59,7 +102,7 @@ def view_arrays(meta: CacheMeta) -> dict[str, ArraySpec]:
         crop=ArraySpec((4,), "int32"),  # top, left, height, width in source pixels
         flip=ArraySpec((), "bool"),  # horizontal flip after the crop
         label=ArraySpec((), "int32"),  # class id when the source has one, else -1
-        status=ArraySpec((), "uint8"),  # 0 missing, 1 ok, 2 skipped (undecodable image)
+        status=ArraySpec((), "uint8"),  # 0 missing/padding, 1 ok, 2 skipped (no image or undecodable)
     )
     return arrays
 
@@ -100,7 +143,9 @@ class FeatureCache:
             else:
                 root.create_array(chunks=(shard_views, *spec.row_shape), **common)
         root.create_group(SHARDS_GROUP, overwrite=True)
-        root.attrs[ATTR] = meta.to_json()  # last: a group without it is not a cache
+        k_views = int(meta.view["views_per_image"])
+        first = RowBlock(0, k_views, 0, n_views // k_views)
+        root.attrs[ATTR] = replace(meta, blocks=[first.to_json()]).to_json()  # last: without it, not a cache
         return cls(root, url)
 
     @classmethod
@@ -123,6 +168,7 @@ class FeatureCache:
     # ---- geometry ---------------------------------------------------------------------
     @property
     def num_views(self) -> int:
+        """Rows of every per-view array: the views plus any padding between growth blocks."""
         return int(self.meta.storage["num_views"])
 
     @property
@@ -133,9 +179,25 @@ class FeatureCache:
     def num_shards(self) -> int:
         return -(-self.num_views // self.shard_views)
 
-    def shard_rows(self, shard: int) -> range:
+    @property
+    def blocks(self) -> list[RowBlock]:
+        """The cache's row blocks in row order (one unless it was grown, issue 12)."""
+        if self.meta.blocks:
+            return [RowBlock.from_json(b) for b in self.meta.blocks]
+        k_views = int(self.meta.view["views_per_image"])  # made before growth existed: one block
+        return [RowBlock(0, k_views, 0, self.num_views // k_views)]
+
+    def block_of_shard(self, shard: int) -> RowBlock:
         start = shard * self.shard_views
-        return range(start, min(start + self.shard_views, self.num_views))
+        return next(b for b in reversed(self.blocks) if b.first_row <= start)
+
+    def shard_rows(self, shard: int) -> range:
+        """Rows of the views in one shard (a block's last shard may end early: padding follows)."""
+        start = shard * self.shard_views
+        return range(start, min(start + self.shard_views, self.block_of_shard(shard).rows.stop))
+
+    def shards_of(self, block: RowBlock) -> range:
+        return range(block.first_row // self.shard_views, -(-block.rows.stop // self.shard_views))
 
     @property
     def local_dir(self) -> str | None:
@@ -157,6 +219,36 @@ class FeatureCache:
 
     def is_complete(self) -> bool:
         return self.meta.status == "complete"
+
+    # ---- growth (issue 12) --------------------------------------------------------------
+    def grow(self, views_per_image: int, added: str) -> RowBlock:
+        """Append a block for views ``K .. views_per_image - 1`` of every sample; all shards stay.
+
+        The new block starts at the next shard boundary, so no existing shard file is
+        touched. Arrays are resized first and the metadata written last: a process killed
+        in between leaves a cache that still reads as the old one, and growing again
+        resizes to the same shape. The caller holds the cache's creation lock.
+        """
+        old = self.blocks
+        last = old[-1]
+        if views_per_image <= last.view_stop:
+            raise ValueError(f"cannot grow a cache of {last.view_stop} views per image to {views_per_image}")
+        first_row = -(-self.num_views // self.shard_views) * self.shard_views
+        block = RowBlock(last.view_stop, views_per_image, first_row, last.num_samples, added)
+        for name, spec in self.arrays.items():
+            self.group[name].resize((block.rows.stop, *spec.row_shape))
+        self.meta.blocks = [b.to_json() for b in old] + [block.to_json()]  # fingerprint: first block
+        self.meta.view["views_per_image"] = views_per_image
+        self.meta.storage["num_views"] = block.rows.stop
+        self.meta.status = "incomplete"
+        self.group.attrs[ATTR] = self.meta.to_json()
+        log.info("grew %s to %d views per image: rows %d-%d hold views %d-%d", self.url, views_per_image,
+                 block.rows.start, block.rows.stop - 1, block.view_start, block.view_stop - 1)
+        return block
+
+    def view_rows(self) -> int:
+        """Rows that hold a view (all blocks; padding between blocks left out)."""
+        return sum(len(b.rows) for b in self.blocks)
 
     # ---- writing ----------------------------------------------------------------------
     def write_shard(self, shard: int, rows: dict[str, np.ndarray], record: dict[str, Any]) -> None:
@@ -182,12 +274,39 @@ class FeatureCache:
         done = self.completed_shards()
         if len(done) < self.num_shards:
             return False
-        skipped: list[dict[str, Any]] = []
-        for shard in sorted(done):
-            skipped.extend((self.shard_record(shard) or {}).get("skipped", []))
-        self.meta.status, self.meta.skipped = "complete", skipped
+        self.meta.status, self.meta.skipped = "complete", self._skipped(self._records(done))
         self.group.attrs[ATTR] = self.meta.to_json()
         return True
+
+    def _records(self, shards: Iterable[int]) -> list[dict[str, Any]]:
+        return [r for r in (self.shard_record(s) for s in sorted(shards)) if r is not None]
+
+    @staticmethod
+    def _skipped(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Skipped samples, once each (a skipped sample is recorded once per row block)."""
+        skipped: dict[int, dict[str, Any]] = {}
+        for record in records:
+            for entry in record.get("skipped", []):
+                skipped.setdefault(int(entry["index"]), entry)
+        return list(skipped.values())
+
+    def cost_summary(self) -> dict[str, Any]:
+        """What the cache cost so far (issue 12): teacher forwards, stored bytes, skips by reason.
+
+        ``teacher_forwards`` counts the views extracted (ok rows of completed shards; a skipped
+        sample costs none); ``bytes_per_view`` is the stored bytes of every array over them.
+        """
+        done = self.completed_shards()
+        records = self._records(done)
+        forwards = sum(int(r.get("num_ok", 0)) for r in records)
+        stored = self.nbytes_stored()
+        reasons: dict[str, int] = {}
+        for entry in self._skipped(records):
+            reasons[skip_reason(entry)] = reasons.get(skip_reason(entry), 0) + 1
+        return {"shards_done": len(done), "num_shards": self.num_shards, "teacher_forwards": forwards,
+                "views_skipped": sum(int(r.get("num_skipped", 0)) for r in records), "bytes_stored": stored,
+                "bytes_per_view": stored / forwards if forwards else None, "skipped_samples": reasons,
+                "blocks": [b.to_json() for b in self.blocks]}
 
     # ---- reading ----------------------------------------------------------------------
     def read(self, rows: Iterable[int], names: Iterable[str] | None = None) -> dict[str, np.ndarray]:

@@ -2,9 +2,13 @@
 
 Stored as the ``hgkd`` attribute of the cache's root Zarr group. ``settings`` holds what must
 match for a run to append to (resume) a cache; ``software`` and ``status`` may differ.
+``blocks`` records the cache's growth (issue 12): rows ``rows[0]..rows[1]-1`` hold views
+``views[0]..views[1]-1`` of every sample, image-major. A cache made at once has one block;
+``hgkd-extract run --views-per-image K'`` on a complete cache appends one.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -12,6 +16,17 @@ from typing import Any
 
 FORMAT = "hgkd-teacher-cache"
 FORMAT_VERSION = 1
+# Settings that growing a cache changes (issue 12); every other setting must stay equal.
+GROWTH_KEYS = (("view", "views_per_image"), ("storage", "num_views"))
+# Why a sample was skipped (the ``reason`` of a ``skipped`` entry, issue 10).
+SKIP_NO_IMAGE, SKIP_UNDECODABLE = "no image member", "undecodable image bytes"
+
+
+def skip_reason(entry: dict[str, Any]) -> str:
+    """The reason of one ``skipped`` entry; entries written before reasons existed carry only the error."""
+    if entry.get("reason"):
+        return entry["reason"]
+    return SKIP_NO_IMAGE if entry.get("error") == "sample has no image member" else SKIP_UNDECODABLE
 
 
 @dataclass
@@ -24,22 +39,38 @@ class CacheMeta:
     storage: dict[str, Any]  # codec, compressor, clevel, shard_views, num_views, num_tokens, dim
     software: dict[str, Any] = field(default_factory=dict)
     status: str = "incomplete"  # "incomplete" until every shard has its completion record
-    skipped: list[dict[str, Any]] = field(default_factory=list)  # filled when complete
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # filled when complete, one per sample
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # growth steps; empty in caches made before #12
 
     def settings(self) -> dict[str, Any]:
         return {"teacher": self.teacher, "view": self.view, "dataset": self.dataset, "storage": self.storage}
 
     def fingerprint(self) -> str:
-        blob = json.dumps(self.settings(), sort_keys=True).encode()
+        """Identity of the cache's teacher, data and view recipe, unchanged when the cache grows.
+
+        Hashes the settings with ``views_per_image`` and ``num_views`` as the cache was
+        created (its first block), so completion records and a distillation run started
+        before a growth step still match it; views a run already used never change.
+        """
+        settings = copy.deepcopy(self.settings())
+        if self.blocks:
+            first = self.blocks[0]
+            settings["view"]["views_per_image"] = first["views"][1]
+            settings["storage"]["num_views"] = first["rows"][1]
+        blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
-    def differences(self, other: "CacheMeta") -> list[str]:
-        """Human-readable ``section.key: mine != theirs`` lines for mismatching settings."""
+    def differences(self, other: "CacheMeta", growth: bool = False) -> list[str]:
+        """Human-readable ``section.key: theirs != mine`` lines for mismatching settings.
+
+        ``growth``: leave out what growing a cache changes (``GROWTH_KEYS``).
+        """
+        skip = set(GROWTH_KEYS) if growth else set()
         lines = []
         for section, mine in self.settings().items():
             theirs = other.settings()[section]
             for key in sorted(set(mine) | set(theirs)):
-                if mine.get(key) != theirs.get(key):
+                if (section, key) not in skip and mine.get(key) != theirs.get(key):
                     lines.append(f"{section}.{key}: {theirs.get(key)!r} != {mine.get(key)!r}")
         return lines
 

@@ -2,8 +2,10 @@
 
 Checks, per cache shard: a completion record exists and matches the cache's settings; every
 array's shard file is present (a deleted file would silently read as zeros) and decodes
-(crc32c on every chunk and shard index); row bookkeeping has no holes or duplicates (row =
-sample index * K + view index, status ok/skipped for every row, counts equal the record).
+(crc32c on every chunk and shard index); row bookkeeping has no holes or duplicates (inside
+each row block, row = first row + sample index * block views + view offset, issue 12; status
+ok/skipped for every row, counts equal the record). Padding rows between growth blocks are
+outside every shard's rows and are not checked.
 """
 from __future__ import annotations
 
@@ -56,8 +58,8 @@ def verify_shard(cache: FeatureCache, shard: int, report: VerifyReport, seen_key
     report.shards_checked += 1
     if not {"status", "index", "view_index", "key"} <= set(data):
         return
-    k_views = int(cache.meta.view["views_per_image"])
     row_ids = np.arange(rows.start, rows.stop)
+    index, view_index = cache.block_of_shard(shard).locate(row_ids)
     status = data["status"]
     n_ok, n_skip = int((status == STATUS_OK).sum()), int((status == STATUS_SKIPPED).sum())
     if n_ok + n_skip != len(rows):
@@ -65,7 +67,7 @@ def verify_shard(cache: FeatureCache, shard: int, report: VerifyReport, seen_key
     if (n_ok, n_skip) != (record.get("num_ok"), record.get("num_skipped")):
         report.problems.append(f"{where}: record says {record.get('num_ok')} ok/{record.get('num_skipped')} skipped, "
                                f"arrays hold {n_ok}/{n_skip}")
-    bad = (data["index"] != row_ids // k_views) | (data["view_index"] != row_ids % k_views)
+    bad = (data["index"] != index) | (data["view_index"] != view_index)
     if bad.any():
         report.problems.append(f"{where}: {int(bad.sum())} rows hold another view's data (duplicates or misplaced)")
     for row, key, view_index in zip(row_ids, data["key"], data["view_index"]):
