@@ -1,19 +1,22 @@
-"""Run a pipeline: teacher (optionally MAE-pretrained) -> one cache -> N students -> evaluations.
+"""Run a pipeline: teacher (optionally MAE-pretrained) -> caches -> N students -> evaluations.
 
 Each stage leaves a file that says it is done, and is skipped on a re-run: the teacher
 checkpoint, a complete verified cache, a run whose last checkpoint reached its epochs (a
-partial run is resumed), the exported student, each evaluation's JSON. This module only
-composes the other packages; it owns no maths.
+partial run is resumed), the exported student, each evaluation's JSON. Every stage prints a
+start line and a progress bar with rate and ETA (issue 10). This module only composes the
+other packages; it owns no maths.
 """
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from ..distill.checkpoint import LAST, load_checkpoint
 from ..distill.classifier import load_classifier, load_run_classifier
@@ -32,16 +35,29 @@ from ..storage.cache import FeatureCache
 from ..storage.codecs import CodecSpec
 from ..storage.verify import verify_cache
 from .report import write_report
-from .spec import PipelineSpec
+from .spec import DEFAULT_CACHE, PipelineSpec
 
 log = logging.getLogger(__name__)
-VARIANT_KEYS = ("name", "scratch", "description")
+VARIANT_KEYS = ("name", "scratch", "description", "variant", "online", "cache")
 BUILTIN = "builtin:"
+
+
+def announce(message: str) -> None:
+    """A stage's start line, on stderr above any progress bar."""
+    tqdm.write(f"[hgkd-pipeline] {message}", file=sys.stderr)
+
+
+def stage_bar(total: int, desc: str, unit: str) -> tqdm:
+    """A stage's own bar over its units (runs, evaluations): count, rate and ETA."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
 
 def resolve_builtin(spec: PipelineSpec) -> None:
     """Replace ``builtin:digits-train|test`` entries with shards written under ``out/data``."""
-    entries = [*spec.data, *spec.eval.train, *spec.eval.test]
+    if isinstance(spec.heldout.get("data"), str):
+        spec.heldout["data"] = [spec.heldout["data"]]
+    heldout = list(spec.heldout.get("data", []))
+    entries = [*spec.data, *spec.eval.train, *spec.eval.test, *heldout]
     if not any(e.startswith(BUILTIN) for e in entries):
         return
     opts = {"img_size": int(spec.teacher.get("img_size", 224)), **spec.builtin}
@@ -58,6 +74,8 @@ def resolve_builtin(spec: PipelineSpec) -> None:
         return [known.get(e, e) for e in items]
 
     spec.data, spec.eval.train, spec.eval.test = resolve(spec.data), resolve(spec.eval.train), resolve(spec.eval.test)
+    if heldout:
+        spec.heldout["data"] = resolve(heldout)
 
 
 def is_supervised(spec: PipelineSpec, variant: dict[str, Any]) -> bool:
@@ -74,6 +92,7 @@ def stage_teacher(spec: PipelineSpec) -> str | None:
     if out.exists():
         log.info("teacher: reusing %s", out)
         return str(out)
+    announce(f"teacher: MAE pre-training {teacher['name']} ({pretrain.get('epochs', 'default')} epochs) -> {out}")
     images = torch.stack([decode_image(s.data) for s in open_source(spec.data) if s.data is not None])
     size = int(teacher.get("img_size", 224))
     if images.shape[-1] != size or images.shape[-2] != size:
@@ -81,33 +100,72 @@ def stage_teacher(spec: PipelineSpec) -> str | None:
     return str(pretrain_mae(teacher["name"], images, out, **pretrain))
 
 
-def _extract_config(spec: PipelineSpec, checkpoint: str | None, cache_url: str) -> ExtractConfig:
-    opts = dict(spec.cache)
+def _extract_config(spec: PipelineSpec, options: dict[str, Any], data: list[str], checkpoint: str | None,
+                    cache_url: str, label: str = "cache") -> ExtractConfig:
+    opts = {k: v for k, v in options.items() if k != "out"}
     view_keys = {f.name for f in fields(ViewConfig)}
     codec_keys = {f.name for f in fields(CodecSpec)}
-    view = ViewConfig(img_size=int(spec.teacher.get("img_size", 224)),
-                      **{k: v for k, v in opts.items() if k in view_keys and k != "img_size"})
-    codec = CodecSpec(**{k: v for k, v in opts.items() if k in codec_keys})
     rest = {k: v for k, v in opts.items() if k not in view_keys | codec_keys}
     try:
-        return ExtractConfig(data=spec.data, out=cache_url, teacher=spec.teacher["name"], checkpoint=checkpoint,
-                             view=view, codec=codec, progress=False, **rest)
+        view = ViewConfig(img_size=int(spec.teacher.get("img_size", 224)),
+                          **{k: v for k, v in opts.items() if k in view_keys and k != "img_size"})
+        codec = CodecSpec(**{k: v for k, v in opts.items() if k in codec_keys})
+        return ExtractConfig(data=data, out=cache_url, teacher=spec.teacher["name"], checkpoint=checkpoint,
+                             view=view, codec=codec, progress=True, **rest)
     except TypeError as err:
-        raise HgkdError(f"{spec.source}: bad 'cache' option ({err})") from None
+        raise HgkdError(f"{spec.source}: bad '{label}' option ({err})") from None
 
 
-def stage_cache(spec: PipelineSpec, checkpoint: str | None) -> str:
+def cache_url(spec: PipelineSpec, name: str) -> str:
+    """Where cache ``name`` lives: its ``out``, else ``out/cache.zarr`` (single) or ``out/caches/NAME.zarr``."""
+    options = spec.cache_options[name]
+    default = spec.out_dir / ("cache.zarr" if name == DEFAULT_CACHE and not spec.caches else f"caches/{name}.zarr")
+    return str(options.get("out") or default)
+
+
+def ensure_cache(cfg: ExtractConfig, what: str) -> str:
     """Extract once; a complete cache that verifies clean is reused as it is."""
-    cache_url = spec.cache.get("out") or str(spec.out_dir / "cache.zarr")
-    cfg = _extract_config(spec, checkpoint, cache_url)
-    if FeatureCache.exists(cache_url) and FeatureCache.open(cache_url).is_complete():
-        report = verify_cache(cache_url)
+    url = cfg.out
+    if FeatureCache.exists(url) and FeatureCache.open(url).is_complete():
+        report = verify_cache(url)
         if not report.ok:
-            raise HgkdError(f"cache {cache_url} is complete but fails verify ({report.problems[0]}); "
-                            "delete it or point cache.out elsewhere")
-        log.info("cache: reusing verified %s", cache_url)
+            raise HgkdError(f"{what} {url} is complete but fails verify ({report.problems[0]}); "
+                            "delete it or point its 'out' elsewhere")
+        log.info("%s: reusing verified %s", what, url)
+    else:
+        announce(f"{what}: extracting {cfg.view.views_per_image} view(s) per image, "
+                 f"teacher_view={cfg.view.teacher_view} -> {url}")
     run_extract(cfg)  # also refuses a cache made with other settings; a no-op when complete
-    return cache_url
+    return url
+
+
+def stage_cache(spec: PipelineSpec, checkpoint: str | None, name: str = DEFAULT_CACHE) -> str:
+    """One of the pipeline's caches (the single ``cache`` by default), extracted once."""
+    url = cache_url(spec, name)
+    label = "cache" if name == DEFAULT_CACHE and not spec.caches else f"caches.{name}"
+    cfg = _extract_config(spec, spec.cache_options[name], spec.data, checkpoint, url, label)
+    return ensure_cache(cfg, "cache" if label == "cache" else f"cache {name}")
+
+
+def heldout_options(spec: PipelineSpec, name: str) -> dict[str, Any]:
+    """The fidelity cache of cache ``name``: its teacher and view settings, the ``heldout`` overrides."""
+    base = {k: v for k, v in spec.cache_options[name].items() if k not in ("out", "views_per_image")}
+    return {**base, "views_per_image": 1, **{k: v for k, v in spec.heldout.items() if k != "data"}}
+
+
+def stage_heldout(spec: PipelineSpec, checkpoint: str | None, names: list[str]) -> dict[str, str]:
+    """Held-out caches for the fidelity column: one per distinct view setting among ``names``."""
+    urls: dict[str, str] = {}
+    made: dict[str, str] = {}
+    for name in names:
+        options = heldout_options(spec, name)
+        key = json.dumps(options, sort_keys=True)
+        if key not in made:
+            url = str(spec.out_dir / "heldout" / f"{name}.zarr")
+            cfg = _extract_config(spec, options, spec.heldout["data"], checkpoint, url, "heldout")
+            made[key] = ensure_cache(cfg, f"held-out cache {name}")
+        urls[name] = made[key]
+    return urls
 
 
 def stage_classifier_teacher(spec: PipelineSpec, mim_checkpoint: str | None) -> str:
@@ -159,38 +217,54 @@ def stage_classifier_eval(spec: PipelineSpec, variant: dict[str, Any]) -> dict[s
     return {"classifier_top1": float(result["top1"])}
 
 
+ONLINE_VIEW_KEYS = ("mask_ratio", "mask_granularity", "teacher_view")  # cache options an online run takes over
+
+
+def online_options(spec: PipelineSpec, variant: dict[str, Any], checkpoint: str | None) -> dict[str, Any]:
+    """An online variant: the pipeline's own teacher run live on views drawn like its cache's."""
+    views = spec.cache_options[spec.cache_name(variant)]
+    return {"online_teacher": spec.teacher["name"], "teacher_checkpoint": checkpoint,
+            "img_size": int(spec.teacher.get("img_size", 224)),
+            **{k: views[k] for k in ONLINE_VIEW_KEYS if k in views}}
+
+
 def distill_config(spec: PipelineSpec, variant: dict[str, Any], cache_url: str | None,
-                   classifier: str | None = None) -> DistillConfig:
+                   classifier: str | None = None, checkpoint: str | None = None) -> DistillConfig:
+    """``cache_url``: the variant's cache (None for online and supervised variants)."""
     opts = {**spec.distill, **{k: v for k, v in variant.items() if k not in VARIANT_KEYS}}
     opts.update(data=spec.data, out=str(spec.out_dir / "runs" / variant["name"]))
     if is_supervised(spec, variant):
         opts.update(teacher_classifier=classifier)
+    elif variant.get("online"):
+        opts.update(online_options(spec, variant, checkpoint))
     else:
         opts.update(cache=cache_url)
-    opts.setdefault("log_every", 0)
+    opts.setdefault("log_every", 1)  # the trainer's per-epoch bar
     return DistillConfig.from_dict(opts, source=f"{spec.source} variant {variant['name']}")
 
 
 def stage_distill(spec: PipelineSpec, variant: dict[str, Any], cache_url: str | None,
-                  classifier: str | None = None) -> str:
-    """Train (or resume, or skip) one variant; returns the model for evaluation."""
+                  classifier: str | None = None, checkpoint: str | None = None) -> str:
+    """Train (or resume, or skip) one run; returns the model for evaluation."""
     if variant.get("scratch"):
         return f"scratch:{spec.distill.get('student', 'resnet50')}"
-    cfg = distill_config(spec, variant, cache_url, classifier)
+    cfg = distill_config(spec, variant, cache_url, classifier, checkpoint)
     run_dir = Path(cfg.out)
     exported = run_dir / "student.safetensors"
     last = run_dir / "checkpoints" / LAST
     finished = last.exists() and load_checkpoint(last)["epoch"] >= cfg.epochs
     if not finished:
-        log.info("distill %s: %s", variant["name"], "resuming" if last.exists() else "starting")
+        announce(f"distill {variant['name']}: {'resuming' if last.exists() else 'starting'} "
+                 f"({cfg.epochs} epochs, {'online teacher' if cfg.online_teacher else cfg.cache or 'classifier teacher'})")
         Trainer(cfg, resume=last.exists()).fit()
     if not exported.exists() or exported.stat().st_mtime < last.stat().st_mtime:
         export_run(run_dir, exported)
     return str(exported)
 
 
-def stage_eval(spec: PipelineSpec, variant: dict[str, Any], model: str) -> dict[str, float]:
-    """Every evaluation task of one variant; each result is kept as JSON and reused."""
+def stage_eval(spec: PipelineSpec, variant: dict[str, Any], model: str,
+               bar: tqdm | None = None) -> dict[str, float]:
+    """Every evaluation task of one run; each result is kept as JSON and reused."""
     from .evaluation import evaluate_task
 
     metrics: dict[str, float] = {}
@@ -200,24 +274,81 @@ def stage_eval(spec: PipelineSpec, variant: dict[str, Any], model: str) -> dict[
         metrics[f"{task}_top1"] = float(result["top1"])
         if "top5" in result:
             metrics[f"{task}_top5"] = float(result["top5"])
+        if bar is not None:
+            bar.update(1)
     return metrics
 
 
+def stage_fidelity(spec: PipelineSpec, variant: dict[str, Any], heldout_url: str) -> dict[str, float]:
+    """Token cosine of an H-GKD student on the held-out views (``hgkd.distill.fidelity``), kept as JSON."""
+    from ..distill.fidelity import fidelity
+
+    result = kept_json(spec.out_dir / "eval" / variant["name"] / "fidelity.json",
+                       lambda: {**fidelity(spec.out_dir / "runs" / variant["name"], heldout_url,
+                                           spec.heldout["data"]), "cache": heldout_url})
+    return {"fidelity_cos": float(result["token_cosine"])}
+
+
+def run_costs(spec: PipelineSpec, variant: dict[str, Any], url: str | None) -> dict[str, float]:
+    """Cost columns of one trained run (issue 12): ``teacher_fwd`` from ``RUN/cost.json``, and
+    ``cache_gb``: the stored bytes of the cache it used, scaled to the views per image it used
+    (online: 0); ``epochs`` = image passes."""
+    run_dir = spec.out_dir / "runs" / variant["name"]
+    cfg = DistillConfig.from_dict(load_checkpoint(run_dir / "checkpoints" / LAST)["config"])
+    cost_file = run_dir / "cost.json"
+    cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
+    row: dict[str, float] = {"epochs": float(cfg.epochs)}
+    if "teacher_forwards" in cost:
+        row["teacher_fwd"] = float(cost["teacher_forwards"])
+    if cfg.online_teacher:
+        row["cache_gb"] = 0.0
+    elif url is not None:
+        cache = FeatureCache.open(url)
+        stored = int(cache.meta.view["views_per_image"])
+        used = min(int(cost.get("views") or getattr(cfg, "cache_views", 0) or stored), stored)
+        row["cache_gb"] = cache.nbytes_stored() * used / stored / 1e9
+    return row
+
+
 def run_pipeline(spec: PipelineSpec) -> dict[str, Path]:
-    """All stages in order; returns the paths of results.csv/.md/.png."""
+    """All stages in order; returns the paths of results.csv/.md/.png (and frontier.png)."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     resolve_builtin(spec)
     checkpoint = stage_teacher(spec)
-    trained = [v for v in spec.variants if not v.get("scratch")]
-    supervised = [v for v in trained if is_supervised(spec, v)]
-    cache_url = stage_cache(spec, checkpoint) if len(supervised) < len(trained) else None
+    runs = spec.runs()
+    trained = [r for r in runs if not r.get("scratch")]
+    supervised = [r for r in trained if is_supervised(spec, r)]
+    cached = [r for r in trained if r not in supervised and not r.get("online")]
+    names = list(dict.fromkeys(spec.cache_name(r) for r in cached))
+    caches = {name: stage_cache(spec, checkpoint, name) for name in names}
+    mim = [r for r in trained if r not in supervised]
+    heldout = stage_heldout(spec, checkpoint, list(dict.fromkeys(spec.cache_name(r) for r in mim))) \
+        if spec.heldout and mim else {}
     classifier = stage_classifier_teacher(spec, checkpoint) if supervised else None
+
+    def url(run: dict[str, Any]) -> str | None:
+        return caches.get(spec.cache_name(run)) if run in cached else None
+
+    announce(f"distill: {len(trained)} runs")
+    models = {}
+    with stage_bar(len(runs), "distill", "run") as bar:
+        for run in runs:
+            models[run["name"]] = stage_distill(spec, run, url(run), classifier, checkpoint)
+            bar.update(1)
+    announce(f"evaluate: {len(runs)} runs x {len(spec.eval.tasks)} tasks {spec.eval.tasks}"
+             + (f" + fidelity on held-out views of {spec.heldout['data']}" if heldout else ""))
     rows = [teacher_row(classifier)] if classifier else []
-    for variant in spec.variants:
-        model = stage_distill(spec, variant, cache_url, classifier)
-        row = {"variant": variant["name"], "description": variant.get("description", "")}
-        row.update(stage_eval(spec, variant, model))
-        if spec.eval.test and not variant.get("scratch") and is_supervised(spec, variant):
-            row.update(stage_classifier_eval(spec, variant))
-        rows.append(row)
+    n_fidelity = len(mim) if heldout else 0
+    with stage_bar(len(runs) * len(spec.eval.tasks) + n_fidelity, "evaluate", "eval") as bar:
+        for run in runs:
+            row = {"variant": run["variant"], "run": run["name"], "description": run.get("description", "")}
+            row.update(stage_eval(spec, run, models[run["name"]], bar))
+            if run in mim and heldout:
+                row.update(stage_fidelity(spec, run, heldout[spec.cache_name(run)]))
+                bar.update(1)
+            if run in trained:
+                row.update(run_costs(spec, run, url(run)))
+            if spec.eval.test and run in supervised:
+                row.update(stage_classifier_eval(spec, run))
+            rows.append(row)
     return write_report(rows, spec.out_dir, spec.name)

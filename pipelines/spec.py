@@ -1,4 +1,4 @@
-"""Pipeline files: one cache, N distillation variants, their evaluations (YAML).
+"""Pipeline files: a teacher, its caches, N distillation variants, their evaluations (YAML).
 
 ```yaml
 name: ablation_table5
@@ -18,6 +18,24 @@ classifier_teacher: {epochs: 10, branches: true}    # hgkd-distill teacher optio
 ``--set section.key=value`` overrides any entry from the command line. Data entries
 ``builtin:digits-train`` / ``builtin:digits-test`` are the shipped digits (``builtin`` section:
 ``img_size``, ``max_images``), written under ``out/data`` on first use.
+
+Sweeps over the views budget (issue 12) add:
+
+```yaml
+caches:                                  # several caches of one teacher (instead of 'cache')
+  masked: {views_per_image: 8, mask_ratio: 0.5}
+  full: {views_per_image: 2, mask_ratio: 0.5, teacher_view: full}
+heldout: {data: [builtin:digits-test], views_per_image: 1}   # fidelity column (hgkd.distill.fidelity)
+variants:
+  - {name: k2, cache: masked, cache_views: 2, seeds: [0, 1, 2]}   # one run per seed, mean +- std
+  - {name: online, online: masked, seeds: [0, 1, 2]}              # the teacher live, views as in 'masked'
+```
+A variant's ``cache`` names one of ``caches`` (default: the first); ``online: true`` (or a
+cache name whose view settings it takes) runs the pipeline's own teacher live instead;
+``seeds`` expands a variant into runs ``<name>-s<seed>``. ``heldout`` extracts, for each
+distinct view setting used, a cache of the held-out data with the same teacher and view
+settings (its own options override them), on which every H-GKD student's token cosine is
+measured.
 """
 from __future__ import annotations
 
@@ -31,6 +49,7 @@ from ..config import load_mapping
 from ..errors import HgkdError
 
 EVAL_TASKS = ("knn", "linear", "mlp", "finetune")
+DEFAULT_CACHE = "default"  # the name of a pipeline's single ``cache``
 
 
 @dataclass
@@ -51,6 +70,8 @@ class PipelineSpec:
     teacher: dict[str, Any]
     variants: list[dict[str, Any]]
     cache: dict[str, Any] = field(default_factory=dict)
+    caches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heldout: dict[str, Any] = field(default_factory=dict)
     distill: dict[str, Any] = field(default_factory=dict)
     eval: EvalSpec = field(default_factory=EvalSpec)
     classifier_teacher: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +87,57 @@ class PipelineSpec:
             raise HgkdError(f"{self.source}: unknown eval tasks {bad}; choose from {list(EVAL_TASKS)}")
         if "name" not in self.teacher:
             raise HgkdError(f"{self.source}: 'teacher' needs a 'name' (a registered teacher)")
+        if self.cache and self.caches:
+            raise HgkdError(f"{self.source}: give either 'cache' or 'caches' (named caches), not both")
+        if not all(isinstance(v, dict) for v in self.caches.values()):
+            raise HgkdError(f"{self.source}: 'caches' maps names to hgkd-extract options, e.g. masked: {{views_per_image: 8}}")
+        if self.heldout and not self.heldout.get("data"):
+            raise HgkdError(f"{self.source}: 'heldout' needs 'data' (the held-out images of the fidelity cache)")
+        for variant in self.variants:
+            self._check_variant(variant)
+
+    def _check_variant(self, variant: dict[str, Any]) -> None:
+        where = f"{self.source}: variant {variant['name']}"
+        names = list(self.cache_options)
+        for key in ("cache", "online"):
+            value = variant.get(key)
+            if isinstance(value, str) and value not in names:
+                raise HgkdError(f"{where}: {key}: {value!r} is not one of the caches {names}")
+        if "cache" in variant and not isinstance(variant["cache"], str):
+            raise HgkdError(f"{where}: 'cache' names one of the caches {names}")
+        if variant.get("online") and "cache" in variant:
+            raise HgkdError(f"{where}: an online variant reads no cache; give 'online: <cache name>' for its views")
+        seeds = variant.get("seeds")
+        if seeds is not None:
+            if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds) \
+                    or len(set(seeds)) != len(seeds):
+                raise HgkdError(f"{where}: 'seeds' must be a list of distinct integers (got {seeds!r})")
+            if "seed" in variant:
+                raise HgkdError(f"{where}: give 'seed' or 'seeds', not both")
+
+    @property
+    def cache_options(self) -> dict[str, dict[str, Any]]:
+        """Every cache by name: ``caches``, or the single ``cache`` as ``default``."""
+        return dict(self.caches) if self.caches else {DEFAULT_CACHE: dict(self.cache)}
+
+    def cache_name(self, variant: dict[str, Any]) -> str:
+        """The cache a variant trains on (online: whose view settings it uses)."""
+        chosen = variant.get("online") if variant.get("online") is not True else None
+        return chosen or variant.get("cache") or next(iter(self.cache_options))
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The variants with ``seeds`` expanded: one run per seed, named ``<name>-s<seed>``;
+        every run carries ``variant`` (the row it is aggregated into)."""
+        runs = []
+        for variant in self.variants:
+            seeds = variant.get("seeds")
+            base = {k: v for k, v in variant.items() if k != "seeds"}
+            if seeds is None:
+                runs.append({**base, "variant": variant["name"]})
+            else:
+                runs += [{**base, "name": f"{variant['name']}-s{s}", "variant": variant["name"], "seed": s}
+                         for s in seeds]
+        return runs
 
     @property
     def out_dir(self) -> Path:
