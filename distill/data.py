@@ -4,7 +4,11 @@
 the cache in one batched call, fetches each row's source image by sample index, and
 re-renders the stored view (crop, flip) with ``hgkd.extract.views`` - the same code the
 extractor used - so the student sees the teacher's pixels exactly. The teacher never runs.
-``ChunkAwareBatchSampler`` shuffles so that each batch touches a few cache shards only.
+
+An epoch is one pass over the images (issue 12): in epoch e image i shows view ``e mod K``
+of its K views. ``ChunkAwareBatchSampler`` draws each epoch's images so that each batch
+touches a few cache shards only; ``ViewCycleSampler`` does the same for views drawn on the
+fly (online teacher, supervised baselines).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from ..errors import HgkdError
 from ..extract.data import IMAGE_EXTS, LABEL_EXTS, DataSource, open_source
-from ..extract.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
+from ..extract.views import ViewConfig, ViewParams, decode_image, render_view, sample_view, student_mask
 from ..storage.cache import STATUS_OK, FeatureCache
 from ..storage.codecs import decode_tokens
 from ..storage.reader import ShardReader
@@ -124,10 +128,43 @@ def whole_batch(batch: Batch) -> Batch:
     return batch
 
 
-class CacheViewDataset(Dataset):
-    """Index with a list of cache rows; returns one :class:`Batch`."""
+class EpochRows(list):
+    """A batch's rows (a plain list to every caller) that also carries the epoch it was drawn
+    for, so a dataset in any DataLoader worker can draw that epoch's fresh student masks."""
 
-    def __init__(self, cache_url: str, data: list[str]) -> None:
+    def __init__(self, rows: list[int], epoch: int) -> None:
+        super().__init__(rows)
+        self.epoch = epoch
+
+
+def batch_epoch(rows: list[int]) -> int:
+    return int(getattr(rows, "epoch", 0))
+
+
+def check_student_mask(mode: str, view_cfg: ViewConfig, targets: str, fix: str) -> None:
+    """``--student-mask fresh`` only where the targets do not depend on the mask (issue 12)."""
+    if mode == "fresh" and view_cfg.teacher_view != "full":
+        raise HgkdError(f"--student-mask fresh: {targets} depend on the mask the teacher saw; {fix} "
+                        f"(or keep --student-mask cached)")
+
+
+def fresh_masks(view_cfg: ViewConfig, seed: int, keys: list[str], epoch: int) -> np.ndarray:
+    """(B, grid, grid) bool student masks of ``epoch`` (True = hidden), one per key."""
+    return np.stack([student_mask(view_cfg, seed, str(key), epoch) for key in keys])
+
+
+class CacheViewDataset(Dataset):
+    """Index with a list of cache rows; returns one :class:`Batch`.
+
+    ``views``: use views 0..K-1 of each image (0: all the cache holds). ``view_rows`` is the
+    (images, K) table of their cache rows, built from the cache's own ``index`` and
+    ``view_index`` arrays (a grown cache appends rows, so row != image * K + view).
+    ``student_mask="fresh"``: the student's mask of a row read in epoch e is drawn from
+    ``(mask_seed, key, e)`` (full-view caches only); ``"cached"``: the stored view mask.
+    """
+
+    def __init__(self, cache_url: str, data: list[str], views: int = 0, student_mask: str = "cached",
+                 mask_seed: int = 0) -> None:
         self.cache_url = cache_url
         cache = FeatureCache.open(cache_url)
         if not cache.is_complete():
@@ -137,11 +174,37 @@ class CacheViewDataset(Dataset):
             raise HgkdError(f"--data {' '.join(data)} is not the data set the cache was made from "
                             f"(fingerprint differs); pass the same shards/folder as to 'hgkd-extract run'")
         self.view_cfg = ViewConfig.from_json(cache.meta.view)
+        check_student_mask(student_mask, self.view_cfg, f"the masked-view targets of --cache {cache_url}",
+                           "use a cache written with --teacher-view full")
+        self.student_mask, self.mask_seed = student_mask, mask_seed
         self.grid = tuple(cache.meta.teacher["grid"])
         self.source = RandomAccessSource(source)
         self._cache: FeatureCache | None = None
         self._reader: ShardReader | None = None
-        self.ok_rows = np.flatnonzero(self.reader.read(np.arange(cache.num_views), ["status"])["status"] == STATUS_OK)
+        self.view_rows = self._view_table(cache, views)
+        self.ok_rows = np.sort(self.view_rows.ravel())
+
+    def _view_table(self, cache: FeatureCache, views: int) -> np.ndarray:
+        """(images, K) cache rows of views 0..K-1 of every image whose K views are all OK."""
+        held = int(cache.meta.view["views_per_image"])
+        if views > held:
+            raise HgkdError(f"--cache-views {views}: {self.cache_url} holds {held} views per image; grow it with "
+                            f"'hgkd-extract run ... --views-per-image {views}' or use fewer")
+        k_views = views or held
+        raw = self.reader.read(np.arange(cache.num_views), ["status", "index", "view_index"])
+        rows = np.flatnonzero((raw["status"] == STATUS_OK) & (raw["view_index"] < k_views))
+        index, view = raw["index"][rows], raw["view_index"][rows]
+        table = np.full((int(index.max()) + 1 if len(rows) else 0, k_views), -1, np.int64)
+        table[index, view] = rows
+        return table[(table >= 0).all(1)]
+
+    @property
+    def views(self) -> int:
+        return self.view_rows.shape[1]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.view_rows)
 
     @property
     def cache(self) -> FeatureCache:
@@ -163,6 +226,7 @@ class CacheViewDataset(Dataset):
         return len(self.ok_rows)
 
     def __getitem__(self, rows: list[int]) -> Batch:
+        """The rows' batch; ``rows`` may be :class:`EpochRows` (fresh student masks need the epoch)."""
         rows_sorted = np.sort(np.asarray(rows, dtype=np.int64))
         cache = self.cache
         names = ["tokens", *cache.codec.aux_arrays(1, 1), "valid", "pooled", "mask", "crop", "flip", "index", "key"]
@@ -174,10 +238,13 @@ class CacheViewDataset(Dataset):
                 raise HgkdError(f"--data sample {index} is not cache row {rows_sorted[i]}'s image; data and cache disagree")
             params = ViewParams(tuple(raw["crop"][i]), bool(raw["flip"][i]), raw["mask"][i].reshape(self.grid))
             images.append(render_view(decode_image(data), params, self.view_cfg))
+        mask = raw["mask"].reshape(-1, *self.grid)
+        if self.student_mask == "fresh":
+            mask = fresh_masks(self.view_cfg, self.mask_seed, list(raw["key"]), batch_epoch(rows))
         return Batch(
             rows=torch.from_numpy(rows_sorted),
             images=torch.stack(images),
-            visible=torch.from_numpy(~raw["mask"]).reshape(-1, *self.grid),
+            visible=torch.from_numpy(~mask),
             tokens=decode_tokens(raw, cache.codec),
             valid=torch.from_numpy(raw["valid"]),
             pooled=torch.from_numpy(raw["pooled"].astype(np.float32)),
@@ -187,15 +254,19 @@ class CacheViewDataset(Dataset):
 class OnlineViewDataset(Dataset):
     """Views drawn like the extractor draws them, without a cache (``--online-teacher``).
 
-    Row r is view ``r % K`` of sample ``r // K``; undecodable samples are dropped from
+    Row r is view ``r % K`` of sample ``r // K`` (K = ``view_cfg.views_per_image``; the
+    extractor's row of that view in a K-view cache); undecodable samples are dropped from
     their batch. Targets are filled in by the trainer's live teacher. ``labelled``: every
     sample must carry a class label (a ``.cls`` member or a class sub-folder).
+    ``student_mask="fresh"``: the student's mask is drawn per epoch as in :class:`CacheViewDataset`.
     """
 
-    def __init__(self, data: list[str], view_cfg: ViewConfig, labelled: bool = False) -> None:
+    def __init__(self, data: list[str], view_cfg: ViewConfig, labelled: bool = False, student_mask: str = "cached",
+                 mask_seed: int = 0) -> None:
         self.view_cfg = view_cfg
+        check_student_mask(student_mask, view_cfg, "a masked online teacher's targets", "use --teacher-view full")
+        self.student_mask, self.mask_seed = student_mask, mask_seed
         self.source = RandomAccessSource(open_source(data))
-        self.ok_rows = np.arange(len(self.source.keys) * view_cfg.views_per_image)
         self.labels = np.asarray(self.source.labels, dtype=np.int64)
         unlabelled = int((self.labels < 0).sum())
         if labelled and unlabelled:
@@ -211,7 +282,7 @@ class OnlineViewDataset(Dataset):
         return int(self.labels.max()) + 1 if len(self.labels) else 0
 
     def __len__(self) -> int:
-        return len(self.ok_rows)
+        return self.num_samples * self.view_cfg.views_per_image
 
     def __getitem__(self, rows: list[int]) -> Batch:
         k_views = self.view_cfg.views_per_image
@@ -232,63 +303,90 @@ class OnlineViewDataset(Dataset):
         if not kept:
             raise HgkdError("--data: a whole batch of images could not be decoded")
         samples = torch.tensor(kept) // k_views
+        if self.student_mask == "fresh":
+            masks = fresh_masks(self.view_cfg, self.mask_seed, [self.source.keys[s] for s in samples], batch_epoch(rows))
         return Batch(rows=torch.tensor(kept), images=torch.stack(images), visible=torch.from_numpy(~np.stack(masks)),
                      labels=torch.from_numpy(self.labels[samples.numpy()]), indices=samples)
 
 
 class ChunkAwareBatchSampler(Sampler[list[int]]):
-    """Epoch-seeded batches that each touch few cache shards.
+    """One pass over the images per epoch, each read from its view of the epoch, in batches
+    that each touch few cache shards (issue 12: an epoch is an image pass).
 
-    Shards are shuffled, then grouped ``window`` at a time; rows are shuffled within a
-    window and cut into batches. Under DDP rank r takes batches r, r+world, ...; batches are
-    full (drop_last) so every rank steps the same number of times. ``start_batch`` skips
-    the batches an interrupted epoch already trained on (resume).
+    ``rows``: (images, K) cache rows of every image's K views (1-D: one view each); epoch e
+    reads column ``e mod K``. Images are grouped by the cache shard of the row they read this
+    epoch; shards are shuffled, then taken ``window`` at a time; images are shuffled within a
+    window and cut into batches, all seeded by (seed, epoch). Under DDP rank r takes batches
+    r, r+world, ...; batches are full (drop_last) so every rank steps the same number of
+    times. ``start_batch`` skips the batches an interrupted epoch already trained on (resume).
+    Yields :class:`EpochRows`.
     """
 
     def __init__(self, rows: np.ndarray, shard_views: int, batch_size: int, seed: int = 0,
                  window: int = 4, rank: int = 0, world_size: int = 1) -> None:
-        self.rows, self.shard_views, self.batch_size = np.asarray(rows), shard_views, batch_size
+        rows = np.asarray(rows, dtype=np.int64)
+        self.rows_nk = rows.reshape(len(rows), -1)
+        self.shard_views, self.batch_size = shard_views, batch_size
         self.seed, self.window, self.rank, self.world_size = seed, window, rank, world_size
         self.epoch, self.start_batch = 0, 0
+        self._memo: tuple[int, list[np.ndarray]] | None = None
         if len(self) == 0:
-            raise HgkdError(f"--batch-size {batch_size} is larger than the {len(self.rows)} usable views "
+            raise HgkdError(f"--batch-size {batch_size} is larger than the {len(self.rows_nk)} usable images "
                             f"per rank; lower it")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """(images,) the row each image reads in ``epoch``: its view ``epoch mod K``."""
+        return self.rows_nk[:, epoch % self.rows_nk.shape[1]]
+
     def _all_batches(self) -> list[np.ndarray]:
+        """Every rank's batches of this epoch (memoised: the cost ledger asks per step)."""
+        if self._memo is not None and self._memo[0] == self.epoch:
+            return self._memo[1]
         rng = np.random.default_rng([self.seed, self.epoch])
-        shards = self.rows // self.shard_views
-        order = rng.permutation(np.unique(shards))
-        stream = []
-        for w in range(0, len(order), self.window):
-            rows = self.rows[np.isin(shards, order[w : w + self.window])]
-            stream.append(rng.permutation(rows))
-        flat = np.concatenate(stream)
+        rows = self.epoch_rows(self.epoch)
+        shards, shard_of_row = np.unique(rows // self.shard_views, return_inverse=True)
+        order = rng.permutation(len(shards))
+        window_of_shard = np.empty(len(shards), np.int64)
+        window_of_shard[order] = np.arange(len(shards)) // self.window
+        by_window = np.argsort(window_of_shard[shard_of_row], kind="stable")  # rows keep their order
+        bounds = np.cumsum(np.bincount(window_of_shard[shard_of_row]))[:-1]
+        flat = np.concatenate([rng.permutation(part) for part in np.split(rows[by_window], bounds)])
         n_batches = len(flat) // (self.batch_size * self.world_size) * self.world_size
-        return [flat[b * self.batch_size : (b + 1) * self.batch_size] for b in range(n_batches)]
+        batches = [flat[b * self.batch_size : (b + 1) * self.batch_size] for b in range(n_batches)]
+        self._memo = (self.epoch, batches)
+        return batches
+
+    def global_batch(self, index: int) -> np.ndarray:
+        """Rows read by every rank's ``index``-th batch of this epoch (one optimizer step)."""
+        return np.concatenate(self._all_batches()[index * self.world_size : (index + 1) * self.world_size])
 
     def __iter__(self) -> Iterator[list[int]]:
         mine = self._all_batches()[self.rank :: self.world_size]
         for batch in mine[self.start_batch :]:
-            yield batch.tolist()
+            yield EpochRows(batch.tolist(), self.epoch)
 
     def __len__(self) -> int:
-        return len(self.rows) // (self.batch_size * self.world_size)
+        return len(self.rows_nk) // (self.batch_size * self.world_size)
 
 
 class ViewCycleSampler(ChunkAwareBatchSampler):
     """Batches of samples for training on views drawn on the fly: in epoch e, sample s is
     fed as view ``e % K`` (row ``s * K + e % K`` of :class:`OnlineViewDataset`), so every epoch
-    sees fresh crops and a resumed run sees exactly the same ones."""
+    sees fresh crops and a resumed run sees exactly the same ones.
+
+    Samples are grouped in blocks of ``samples_per_block`` as a K-view cache with
+    ``samples_per_block * K`` views per shard groups them, so with the same seed the batches
+    equal that cache's under :class:`ChunkAwareBatchSampler` (issue 12, ``--online-views``).
+    """
 
     def __init__(self, num_samples: int, views_per_image: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
-        super().__init__(np.arange(num_samples), 256, batch_size, seed, rank=rank, world_size=world_size)
+                 rank: int = 0, world_size: int = 1, samples_per_block: int = 256) -> None:
         self.views_per_image = views_per_image
+        super().__init__(np.arange(num_samples), samples_per_block * views_per_image, batch_size, seed,
+                         rank=rank, world_size=world_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        view = self.epoch % self.views_per_image
-        for batch in super().__iter__():
-            yield [s * self.views_per_image + view for s in batch]
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        return self.rows_nk[:, 0] * self.views_per_image + epoch % self.views_per_image

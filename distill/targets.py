@@ -3,8 +3,10 @@ frozen classifier teacher (the supervised baselines).
 
 All expose the same small interface to the trainer: a dataset of batches and its sampler,
 the teacher's :class:`NetDims`, a fingerprint that a resumed run must match, queue
-pre-fill, ``complete(batch)`` (fills cached-style tokens/valid/pooled) and
-``outputs(batch, images)`` -> the teacher's :class:`NetOutputs` for the images the student sees.
+pre-fill, ``complete(batch)`` (fills cached-style tokens/valid/pooled),
+``outputs(batch, images)`` -> the teacher's :class:`NetOutputs` for the images the student
+sees, ``views`` (K views cycled over epochs, 0: a fresh view every epoch) and what the
+cost ledger needs (``kind``, ``cache_rows``, ``bytes_per_view``; issue 12).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from ..errors import HgkdError
 
-from ..extract.run import teacher_targets
+from ..extract.run import ExtractConfig, teacher_targets
 from ..extract.teachers import create_teacher, sha256_file
 from ..extract.views import ViewConfig
 from ..storage.cache import FeatureCache
@@ -26,13 +28,19 @@ from .data import Batch, CacheViewDataset, ChunkAwareBatchSampler, OnlineViewDat
 from .methods import NetDims
 from .outputs import NetOutputs
 
+# views per shard of a cache made with the extractor's defaults: the online teacher groups
+# images as such a cache does, so --online-views K batches equal a K-view cache's (issue 12)
+DEFAULT_SHARD_VIEWS = ExtractConfig.__dataclass_fields__["shard_views"].default
+
 
 class TokenTargets:
     """Shared by the two H-GKD sources: tokens come with the batch."""
 
     embed_dim: int
-    shard_views: int
     dataset: CacheViewDataset | OnlineViewDataset
+    cache_rows: int = 0  # rows of the cache read (0: no cache)
+    bytes_per_view: float = 0.0  # stored cache bytes per view (0: no cache)
+    forwards: int = 0  # live teacher forwards done by this process
 
     @property
     def dims(self) -> NetDims:
@@ -40,34 +48,51 @@ class TokenTargets:
 
     @property
     def num_samples(self) -> int:
-        return len(self.dataset.ok_rows)
+        return self.dataset.num_samples
 
     @property
     def img_size(self) -> int:
         return self.dataset.view_cfg.img_size
-
-    def sampler(self, batch_size: int, seed: int, rank: int, world_size: int) -> ChunkAwareBatchSampler:
-        return ChunkAwareBatchSampler(self.dataset.ok_rows, self.shard_views, batch_size, seed,
-                                      rank=rank, world_size=world_size)
 
     def outputs(self, batch: Batch, images_bchw: torch.Tensor) -> NetOutputs:
         return NetOutputs(tokens=batch.tokens, valid=batch.valid, pooled=batch.pooled)
 
 
 class CachedTargets(TokenTargets):
-    """Targets written by ``hgkd-extract run``; the teacher never runs (H-GKD stage two)."""
+    """Targets written by ``hgkd-extract run``; the teacher never runs (H-GKD stage two).
+
+    In epoch e every image shows its cached view ``e mod K``, K = ``--cache-views`` (0: all
+    the cache holds); ``--student-mask fresh`` re-draws the student's mask per epoch over a
+    full-view cache (issue 12).
+    """
+
+    kind = "cache"
 
     def __init__(self, cfg: DistillConfig, device: torch.device) -> None:
+        if cfg.online_views:
+            raise HgkdError(f"--online-views {cfg.online_views} applies to --online-teacher; with --cache "
+                            f"use --cache-views")
         self.cache = FeatureCache.open(cfg.cache)
-        self.dataset = CacheViewDataset(cfg.cache, cfg.data)
+        self.dataset = CacheViewDataset(cfg.cache, cfg.data, views=cfg.cache_views, student_mask=cfg.student_mask,
+                                        mask_seed=cfg.seed)
+        self.views = self.dataset.views
         self.embed_dim = int(self.cache.meta.teacher["embed_dim"])
         self.patch_size = int(self.cache.meta.teacher["patch_size"])
-        self.shard_views = self.cache.shard_views
         self.fingerprint = self.cache.meta.fingerprint()
+        self.cache_rows = self.cache.num_views
+        self.bytes_per_view = self.cache.nbytes_stored() / max(self.cache.num_views, 1)
 
-    def prefill(self, n: int, seed: int) -> torch.Tensor:
-        """Pooled teacher embeddings of ``n`` random cached views (queue pre-fill)."""
-        rows = np.sort(np.random.default_rng(seed).choice(self.dataset.ok_rows, size=n, replace=False))
+    def sampler(self, batch_size: int, seed: int, rank: int, world_size: int) -> ChunkAwareBatchSampler:
+        return ChunkAwareBatchSampler(self.dataset.view_rows, self.cache.shard_views, batch_size, seed,
+                                      rank=rank, world_size=world_size)
+
+    def prefill_rows(self, n: int, seed: int) -> np.ndarray:
+        """``n`` (at most all) random cache rows among the views this run uses (queue pre-fill)."""
+        rows = self.dataset.ok_rows
+        return np.sort(np.random.default_rng(seed).choice(rows, size=min(n, len(rows)), replace=False))
+
+    def prefill(self, rows: np.ndarray) -> torch.Tensor:
+        """Pooled teacher embeddings of the given cached views."""
         return torch.from_numpy(self.dataset.reader.read(rows, ["pooled"])["pooled"].astype(np.float32))
 
     def complete(self, batch: Batch) -> Batch:
@@ -75,27 +100,52 @@ class CachedTargets(TokenTargets):
 
 
 class OnlineTargets(TokenTargets):
-    """A frozen teacher run on every batch (``--online-teacher``): no cache needed."""
+    """A frozen teacher run on every batch (``--online-teacher``): no cache needed.
+
+    By default the paper's procedure (Sec. 4.1): in epoch e every image shows a fresh view,
+    view index e drawn from (seed, key, e) - exactly view e of a cache that ``hgkd-extract
+    run`` makes with the same seed and view settings. ``--online-views K`` cycles views
+    ``e mod K`` instead: the views of a K-view cache, in the batch order a run on that cache
+    (made at once with the default --shard-views) has with the same seed.
+    """
+
+    kind = "online"
 
     def __init__(self, cfg: DistillConfig, device: torch.device) -> None:
+        if cfg.cache_views:
+            raise HgkdError(f"--cache-views {cfg.cache_views} applies to --cache; with --online-teacher use "
+                            f"--online-views")
         torch.manual_seed(cfg.seed)
         self.teacher = create_teacher(cfg.online_teacher, checkpoint=cfg.teacher_checkpoint,
                                       img_size=cfg.img_size).to(device)
+        self.views = cfg.online_views
+        self.row_views = cfg.online_views or cfg.epochs  # row = sample * row_views + view index
         view = ViewConfig(img_size=cfg.img_size, patch_size=self.teacher.patch_size, mask_ratio=cfg.mask_ratio,
-                          mask_granularity=cfg.mask_granularity, seed=cfg.seed)
-        self.dataset = OnlineViewDataset(cfg.data, view)
+                          mask_granularity=cfg.mask_granularity, teacher_view=cfg.teacher_view, seed=cfg.seed,
+                          views_per_image=self.row_views)
+        self.full_view = view.teacher_view == "full"
+        self.dataset = OnlineViewDataset(cfg.data, view, student_mask=cfg.student_mask, mask_seed=cfg.seed)
         self.embed_dim, self.patch_size = self.teacher.embed_dim, self.teacher.patch_size
-        self.shard_views = 256  # no cache shards: any locality window is fine
         ckpt = sha256_file(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else f"init-seed-{cfg.seed}"
-        blob = json.dumps([cfg.online_teacher, ckpt, view.to_json(), self.dataset.source.source.fingerprint()])
+        recipe = {**view.to_json(), "views_per_image": cfg.online_views}  # fresh views: --epochs may change
+        blob = json.dumps([cfg.online_teacher, ckpt, recipe, self.dataset.source.source.fingerprint()])
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         self.amp = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
 
-    def prefill(self, n: int, seed: int) -> None:
-        return None  # the queue fills during the first steps
+    def sampler(self, batch_size: int, seed: int, rank: int, world_size: int) -> ViewCycleSampler:
+        return ViewCycleSampler(self.dataset.num_samples, self.row_views, batch_size, seed, rank, world_size,
+                                samples_per_block=max(1, DEFAULT_SHARD_VIEWS // (self.views or 1)))
+
+    def prefill_rows(self, n: int, seed: int) -> np.ndarray:
+        return np.zeros(0, np.int64)  # the queue fills during the first steps
+
+    def prefill(self, rows: np.ndarray) -> None:
+        return None
 
     def complete(self, batch: Batch) -> Batch:
-        tokens, valid, pooled = teacher_targets(self.teacher, batch.images, ~batch.visible.flatten(1), amp=self.amp)
+        self.forwards += len(batch.images)
+        tokens, valid, pooled = teacher_targets(self.teacher, batch.images, ~batch.visible.flatten(1),
+                                                full_view=self.full_view, amp=self.amp)
         return Batch(batch.rows, batch.images, batch.visible, tokens, valid, pooled, batch.labels, batch.indices)
 
 
@@ -106,9 +156,15 @@ class ClassifierTargets:
     sample s in epoch e is view ``e % K``, K = ``views_per_image`` (0: one per epoch).
     """
 
+    kind = "classifier"
+    cache_rows = 0
+    bytes_per_view = 0.0
+    forwards = 0
+
     def __init__(self, cfg: DistillConfig, device: torch.device) -> None:
         self.teacher, _ = load_classifier(cfg.teacher_classifier)
         self.teacher = self.teacher.to(device).requires_grad_(False)
+        self.views = cfg.views_per_image
         self.views_per_image = cfg.views_per_image or cfg.epochs
         view = ViewConfig(img_size=self.teacher.img_size, mask_ratio=0.0, seed=cfg.seed,
                           views_per_image=self.views_per_image, scale=tuple(cfg.crop_scale))
@@ -126,7 +182,10 @@ class ClassifierTargets:
     def sampler(self, batch_size: int, seed: int, rank: int, world_size: int) -> ViewCycleSampler:
         return ViewCycleSampler(self.num_samples, self.views_per_image, batch_size, seed, rank, world_size)
 
-    def prefill(self, n: int, seed: int) -> None:
+    def prefill_rows(self, n: int, seed: int) -> np.ndarray:
+        return np.zeros(0, np.int64)
+
+    def prefill(self, rows: np.ndarray) -> None:
         return None
 
     def complete(self, batch: Batch) -> Batch:
@@ -135,6 +194,7 @@ class ClassifierTargets:
     @torch.no_grad()
     def outputs(self, batch: Batch, images_bchw: torch.Tensor) -> NetOutputs:
         """Teacher outputs on exactly the (prepared, e.g. rotated) images the student sees."""
+        self.forwards += len(images_bchw)
         x = self.teacher.normalise(images_bchw)
         with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None):
             out = self.teacher.forward_outputs(x)

@@ -4,7 +4,9 @@ One step: the method prepares the batch (HSAKD: rotations), the teacher's output
 from the batch (cache / live MIM teacher) or computed by a frozen classifier teacher, the
 student runs on exactly those pixels (H-GKD: the teacher's masked view), the method returns
 its loss terms; LAMB (or any timm optimizer) with grad-norm clipping, per-step cosine
-schedule with warm-up (timm). Runs single-process or under torchrun (DDP; gloo on CPU).
+schedule with warm-up (timm). An epoch is one pass over the images, so ``--epochs`` and
+``--warmup-epochs`` count image passes whatever the views per image (issue 12); what the run
+consumed goes to ``RUN/cost.json``. Runs single-process or under torchrun (DDP; gloo on CPU).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from ..errors import HgkdError
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .classifier import ClassifierNet
 from .config import DistillConfig
+from .cost import CostLedger, RunCost
 from .data import Batch, whole_batch
 from .methods import DistillMethod, MethodContext, NetDims, create_method, method_class
 from .outputs import NetOutputs
@@ -133,6 +136,9 @@ class Trainer:
         self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=self.device).view(1, 3, 1, 1) * 255
         self.epoch, self.next_batch, self.global_step = 0, 0, 0
         self._loader: DataLoader | None = None
+        cost = RunCost(method=cfg.method, targets=self.targets.kind, cache=cfg.cache or None, views=self.targets.views,
+                       student_mask=cfg.student_mask, cache_bytes_per_view=self.targets.bytes_per_view)
+        self.ledger = CostLedger(cost, cache_rows=self.targets.cache_rows)
         if resume:
             self._restore(load_checkpoint(self.run_dir / "checkpoints" / LAST))
         elif (self.run_dir / "checkpoints" / LAST).exists():
@@ -162,15 +168,18 @@ class Trainer:
         """Fill H-GKD's queue from the cache's pooled embeddings before step one (method notes)."""
         if not (hasattr(self.method, "prefill") and self.cfg.similarity and self.cfg.prefill_queue):
             return
-        pooled = self.targets.prefill(min(self.cfg.queue_size, len(self.dataset.ok_rows)), self.cfg.seed)
+        rows = self.targets.prefill_rows(self.cfg.queue_size, self.cfg.seed)
+        pooled = self.targets.prefill(rows)
         if pooled is not None:
             self.method.prefill(pooled)
+            self.ledger.use_views(rows)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "method": self.method.state_dict(), "rng": rng_state(), "epoch": self.epoch,
                 "next_batch": self.next_batch, "global_step": self.global_step, "config": self.cfg.to_dict(),
-                "targets_fingerprint": self.targets.fingerprint}
+                "targets_fingerprint": self.targets.fingerprint, "views": self.targets.views,
+                "cost": self.ledger.state()}
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("targets_fingerprint") != self.targets.fingerprint:
@@ -178,19 +187,30 @@ class Trainer:
                             f"data differ); resume with the original --cache/--online-teacher and --data")
         saved = DistillConfig.from_dict(ckpt["config"])
         for key in ("method", "method_opts", "student", "sparse", "unet", "similarity", "decoder_width", "queue_size",
-                    "batch_size", "seed"):
+                    "batch_size", "seed", "cache_views", "online_views", "student_mask", "teacher_view"):
             if getattr(saved, key) != getattr(self.cfg, key):
                 raise HgkdError(f"--resume: option {key} was {getattr(saved, key)!r} in {self.run_dir}, "
                                 f"now {getattr(self.cfg, key)!r}; resume with the original options")
+        if ckpt.get("views", self.targets.views) != self.targets.views:
+            raise HgkdError(f"--resume: {self.run_dir} cycled {ckpt['views']} views per image, now "
+                            f"{self.targets.views} (the cache grew); resume with --cache-views {ckpt['views']}")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.method.load_state_dict(ckpt["method"])
         set_rng_state(ckpt["rng"])
         self.epoch, self.next_batch, self.global_step = ckpt["epoch"], ckpt["next_batch"], ckpt["global_step"]
+        if "cost" in ckpt:  # runs checkpointed before the cost ledger (issue 12) start it afresh
+            self.ledger.load_state(ckpt["cost"])
 
     def save(self) -> None:
+        """Checkpoint, then the cost ledger as of that checkpoint."""
         if self.dist.main:
             save_checkpoint(self.run_dir, self.state())
+            self.write_cost()
+
+    def write_cost(self) -> None:
+        if self.dist.main:
+            self.ledger.snapshot().save(self.run_dir)
 
     # ---- one step ----------------------------------------------------------------------
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -241,7 +261,10 @@ class Trainer:
                        disable=not self.dist.main or not self.cfg.log_every, leave=False)
             tick = time.perf_counter()
             for batch in self.loader():
+                step_rows, forwards = self.sampler.global_batch(self.next_batch), self.targets.forwards
                 row = self.step(batch)
+                world = self.dist.world_size
+                self.ledger.add_step(step_rows, len(batch.rows) * world, (self.targets.forwards - forwards) * world)
                 self.next_batch += 1
                 row.update(epoch=self.epoch, step=self.global_step,
                            img_per_s=len(batch.rows) * self.dist.world_size / (time.perf_counter() - tick))
@@ -256,11 +279,13 @@ class Trainer:
                 if stop_after_steps is not None and steps_done >= stop_after_steps:
                     bar.close()
                     metrics.close()
+                    self.write_cost()
                     return history
             bar.close()
             self.epoch, self.next_batch = self.epoch + 1, 0
             self.save()
         metrics.close()
+        self.write_cost()
         return history
 
 

@@ -121,6 +121,14 @@ def sample_view(cfg: ViewConfig, key: str, view_index: int, src_hw: tuple[int, i
     return ViewParams(crop, flip, sample_mask(rng, cfg))
 
 
+def student_mask(cfg: ViewConfig, seed: int, key: str, epoch: int) -> np.ndarray:
+    """A fresh student mask for ``epoch`` (issue 12, ``--student-mask fresh``): the cache's mask
+    ratio and granularity, drawn from ``(seed, key, epoch)`` on a stream tagged apart from
+    :func:`view_rng`'s, so it is independent of every view's own crop, flip and mask."""
+    digest = hashlib.blake2b(f"{seed}\0{key}\0{epoch}\0student-mask".encode(), digest_size=16).digest()
+    return sample_mask(np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little"))), cfg)
+
+
 def decode_image(data: bytes) -> torch.Tensor:
     """Encoded image bytes -> uint8 RGB tensor (3, H, W); raises on undecodable data."""
     with Image.open(io.BytesIO(data)) as img:

@@ -1,0 +1,216 @@
+"""Views budget (issue 12): epochs are image passes over cycled cached views, the online
+teacher's fresh-view reference, fresh student masks over full-view caches, the cost ledger.
+
+Real caches written by hgkd-extract (12 photos, K=2), tiny real teacher and students, CPU.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import extract_args, run_cli
+from hgkd.distill.checkpoint import LAST, load_checkpoint
+from hgkd.distill.config import DistillConfig
+from hgkd.distill.data import CacheViewDataset, ChunkAwareBatchSampler, EpochRows
+from hgkd.distill.targets import make_targets
+from hgkd.distill.train import Trainer
+from hgkd.storage.cache import FeatureCache
+from test_distill import distill_args, invoke, read_metrics
+
+CPU = torch.device("cpu")
+TEACHER = "mae_vit_tiny_patch16"
+N_IMAGES, K = 12, 2
+
+
+@pytest.fixture(scope="module")
+def full_cache(photo_tars, tmp_path_factory) -> str:
+    """K=2 views seen whole by the teacher, default shard size (256 views: one shard here)."""
+    out = str(tmp_path_factory.mktemp("cache") / "full.zarr")
+    result = run_cli(extract_args(photo_tars, out, "--codec", "f32", "--teacher-view", "full",
+                                  "--shard-views", "256"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def view_major_cache(f32_cache, tmp_path_factory) -> str:
+    """The f32 cache with its rows reordered view-major (all views 0, then all views 1), as a
+    grown cache appends rows: the (image, view) -> row table must come from the cache's arrays."""
+    out = tmp_path_factory.mktemp("cache") / "view_major.zarr"
+    shutil.copytree(f32_cache, out)
+    perm = np.array([i * K + v for v in range(K) for i in range(N_IMAGES)])
+    group = zarr.open_group(str(out), mode="r+")
+    for name in FeatureCache.open(str(out)).arrays:
+        group[name].with_config({"write_empty_chunks": True})[:] = group[name][:][perm]
+    return str(out)
+
+
+def one_line(output: str) -> bool:
+    return len(output.strip().splitlines()) == 1
+
+
+def cfg(data: str, out: Path, **kw) -> DistillConfig:
+    base = dict(data=[data], out=str(out), student="resnet18", sparse_backend="masked", batch_size=4, epochs=3,
+                warmup_epochs=0, queue_size=16, decoder_width=64, workers=0, log_every=0, device="cpu", img_size=64,
+                mask_ratio=0.5)
+    return DistillConfig(**{**base, **kw})
+
+
+def epoch_rows(sampler: ChunkAwareBatchSampler, epoch: int) -> list[EpochRows]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+@pytest.mark.parametrize("layout", ["image_major", "view_major"])
+def test_epoch_shows_view_e_mod_k_of_every_image_once(f32_cache, view_major_cache, photo_tars, tmp_path, layout):
+    cache = f32_cache if layout == "image_major" else view_major_cache
+    targets = make_targets(cfg(photo_tars, tmp_path, cache=cache), CPU)
+    sampler = targets.sampler(4, seed=0, rank=0, world_size=1)
+    assert targets.views == K and len(sampler) == N_IMAGES // 4  # an epoch is one pass over the images
+    arrays = FeatureCache.open(cache).read(range(N_IMAGES * K), ["index", "view_index"])
+    for epoch in range(4):
+        batches = epoch_rows(sampler, epoch)
+        rows = np.concatenate(batches)
+        assert all(b.epoch == epoch for b in batches)
+        assert sorted(arrays["index"][rows].tolist()) == list(range(N_IMAGES))
+        assert set(arrays["view_index"][rows].tolist()) == {epoch % K}
+    batch = targets.dataset[epoch_rows(sampler, 1)[0]]
+    reference = CacheViewDataset(f32_cache, [photo_tars])  # same (image, view) in the image-major cache
+    same = reference[[int(arrays["index"][r]) * K + 1 for r in batch.rows]]
+    assert torch.equal(batch.images, same.images) and torch.equal(batch.tokens, same.tokens)
+
+
+def test_cache_views_uses_the_first_k_views(f32_cache, view_major_cache, photo_tars, tmp_path):
+    for cache in (f32_cache, view_major_cache):
+        targets = make_targets(cfg(photo_tars, tmp_path, cache=cache, cache_views=1), CPU)
+        sampler = targets.sampler(4, seed=0, rank=0, world_size=1)
+        views = FeatureCache.open(cache).read(targets.dataset.ok_rows, ["view_index"])["view_index"]
+        assert targets.views == 1 and len(targets.dataset.ok_rows) == N_IMAGES and set(views.tolist()) == {0}
+        assert np.array_equal(np.sort(np.concatenate(epoch_rows(sampler, 1))), targets.dataset.ok_rows)
+    result = invoke(distill_args(f32_cache, photo_tars, str(tmp_path / "r"), "--cache-views", "3"))
+    assert result.exit_code == 2 and one_line(result.output) and "holds 2 views per image" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("layout", ["image_major", "view_major"])
+def test_batches_are_shard_local(f32_cache, view_major_cache, photo_tars, layout):
+    """One shard per window, batch = a shard's images of this epoch's view: one shard per batch."""
+    cache = f32_cache if layout == "image_major" else view_major_cache
+    dataset = CacheViewDataset(cache, [photo_tars])
+    shard_views = FeatureCache.open(cache).shard_views  # 8: 4 or 8 images of one view per shard
+    sampler = ChunkAwareBatchSampler(dataset.view_rows, shard_views, 4, seed=1, window=1)
+    for epoch in range(2):
+        batches = epoch_rows(sampler, epoch)
+        assert all(len(set((np.asarray(b) // shard_views).tolist())) == 1 for b in batches)
+
+
+def test_online_fresh_views_differ_per_epoch_and_equal_cache_view_e(f32_cache, photo_tars, tmp_path):
+    """Online default (the paper): epoch e shows view e, i.e. view e of a cache with the same seed."""
+    online = make_targets(cfg(photo_tars, tmp_path, online_teacher=TEACHER, epochs=5), CPU)
+    cached = CacheViewDataset(f32_cache, [photo_tars])
+    sampler = online.sampler(4, seed=0, rank=0, world_size=1)
+    assert online.views == 0 and len(sampler) == N_IMAGES // 4
+    first = {}
+    for epoch in range(4):
+        rows = np.concatenate(epoch_rows(sampler, epoch))
+        samples, views = np.divmod(rows, online.row_views)
+        assert sorted(samples.tolist()) == list(range(N_IMAGES)) and set(views.tolist()) == {epoch}
+        got = online.complete(online.dataset[EpochRows(sorted(rows.tolist())[:4], epoch)])
+        first[epoch] = got.images
+        if epoch < K:  # the cache holds views 0..K-1
+            want = cached[[int(s) * K + epoch for s in got.indices]]
+            assert torch.equal(got.images, want.images) and torch.equal(got.visible, want.visible)
+            torch.testing.assert_close(got.tokens, want.tokens, atol=1e-5, rtol=0)
+    assert all(not torch.equal(first[0], first[e]) for e in (1, 2, 3))
+
+
+def test_online_views_k_gives_the_cached_runs_batches(full_cache, photo_tars, tmp_path):
+    """--online-views K: same views, same batch order as a run on a K-view cache, same seed."""
+    online = make_targets(cfg(photo_tars, tmp_path, online_teacher=TEACHER, teacher_view="full", online_views=K), CPU)
+    cached = make_targets(cfg(photo_tars, tmp_path, cache=full_cache), CPU)  # the cache's view seed is 0 too
+    samplers = [t.sampler(4, seed=0, rank=0, world_size=1) for t in (online, cached)]
+    for epoch in range(3):
+        pairs = list(zip(*(epoch_rows(s, epoch) for s in samplers)))
+        assert [list(a) for a, _ in pairs] == [list(b) for _, b in pairs]
+        for rows_online, rows_cached in pairs[:2]:
+            got, want = online.complete(online.dataset[rows_online]), cached.dataset[rows_cached]
+            assert torch.equal(got.rows, want.rows) and torch.equal(got.images, want.images)
+            assert torch.equal(got.visible, want.visible) and torch.equal(got.valid, want.valid)
+            torch.testing.assert_close(got.tokens, want.tokens, atol=1e-5, rtol=0)
+
+
+def test_fresh_student_masks_over_a_full_view_cache(full_cache, photo_tars, tmp_path):
+    fresh = make_targets(cfg(photo_tars, tmp_path, cache=full_cache, student_mask="fresh"), CPU)
+    stored = CacheViewDataset(full_cache, [photo_tars])
+    rows = fresh.dataset.ok_rows[:6].tolist()
+    epochs = [fresh.dataset[EpochRows(rows, e)] for e in range(3)]
+    assert all(b.valid.all() for b in epochs)  # full view: L_mse covers every token
+    assert all(torch.equal(b.tokens, epochs[0].tokens) and torch.equal(b.images, epochs[0].images) for b in epochs)
+    assert all((b.visible.flatten(1).sum(1) == 8).all() for b in epochs)  # the cache's mask ratio 0.5
+    assert not torch.equal(epochs[0].visible, epochs[1].visible) and not torch.equal(epochs[1].visible, epochs[2].visible)
+    assert not torch.equal(epochs[0].visible, stored[rows].visible)  # not the view's own mask
+    assert torch.equal(fresh.dataset[EpochRows(rows, 1)].visible, epochs[1].visible)  # reproducible
+    # the online teacher on full views with fresh masks draws the very same student masks
+    online = make_targets(cfg(photo_tars, tmp_path, online_teacher=TEACHER, teacher_view="full", online_views=K,
+                              student_mask="fresh"), CPU)
+    got = online.complete(online.dataset[EpochRows(rows, 1)])
+    assert torch.equal(got.visible, epochs[1].visible) and got.valid.all()
+    torch.testing.assert_close(got.tokens, epochs[1].tokens, atol=1e-5, rtol=0)
+    run = tmp_path / "run"
+    result = invoke(distill_args(full_cache, photo_tars, str(run), "--student-mask", "fresh", "--epochs", "2",
+                                 "--batch-size", "12"))
+    assert result.exit_code == 0, result.output
+    assert len(read_metrics(run)) == 2
+
+
+def test_fresh_student_mask_is_refused_on_masked_targets(f32_cache, photo_tars, tmp_path):
+    result = invoke(distill_args(f32_cache, photo_tars, str(tmp_path / "r"), "--student-mask", "fresh"))
+    assert result.exit_code == 2 and one_line(result.output)
+    assert result.output.startswith("error: --student-mask fresh") and "--teacher-view full" in result.output
+    online = ["run", "--online-teacher", TEACHER, "--img-size", "64", "--student-mask", "fresh",
+              *distill_args(f32_cache, photo_tars, str(tmp_path / "o"))[3:]]
+    result = invoke(online)
+    assert result.exit_code == 2 and one_line(result.output) and "--teacher-view full" in result.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+
+
+def test_resume_mid_epoch_equals_uninterrupted_and_cost_accumulates(f32_cache, photo_tars, tmp_path):
+    def config(out: Path) -> DistillConfig:
+        return cfg(photo_tars, out, cache=f32_cache, checkpoint_every=1, epochs=2)
+    Trainer(config(tmp_path / "a")).fit()
+    Trainer(config(tmp_path / "b")).fit(stop_after_steps=4)  # stops in epoch 1 (3 steps per epoch)
+    stopped = json.loads((tmp_path / "b" / "cost.json").read_text())
+    assert stopped["steps"] == 4 and stopped["student_images"] == 16
+    Trainer(config(tmp_path / "b"), resume=True).fit()
+    assert read_metrics(tmp_path / "a") == pytest.approx(read_metrics(tmp_path / "b"), abs=1e-6)
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / LAST) for r in "ab")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    costs = [json.loads((tmp_path / r / "cost.json").read_text()) for r in "ab"]
+    for cost in costs:
+        # 2 image passes = 6 steps of 4; views 0 then 1: all 2 x 12 cached views used once
+        assert {k: cost[k] for k in ("steps", "student_images", "teacher_forwards", "views", "method", "targets",
+                                     "student_mask", "cache", "cache_views_read")} == {
+            "steps": 6, "student_images": 24, "teacher_forwards": 24, "views": K, "method": "hgkd",
+            "targets": "cache", "student_mask": "cached", "cache": f32_cache, "cache_views_read": 24}
+        assert cost["cache_bytes_read"] == round(24 * cost["cache_bytes_per_view"]) > 0
+        assert "estimate" in cost["cache_bytes_read_method"]
+    assert costs[1]["wall_s"] > stopped["wall_s"] > 0
+
+
+def test_cost_counts_distinct_views_and_live_forwards(f32_cache, photo_tars, tmp_path):
+    one = Trainer(cfg(photo_tars, tmp_path / "one", cache=f32_cache, cache_views=1, epochs=2, batch_size=12))
+    one.fit()
+    cost = json.loads((tmp_path / "one" / "cost.json").read_text())
+    assert (cost["views"], cost["teacher_forwards"], cost["student_images"]) == (1, N_IMAGES, 2 * N_IMAGES)
+    online = Trainer(cfg(photo_tars, tmp_path / "online", online_teacher=TEACHER, epochs=2, batch_size=12))
+    online.fit()
+    cost = json.loads((tmp_path / "online" / "cost.json").read_text())
+    assert cost["targets"] == "online" and cost["views"] == 0 and cost["cache"] is None
+    assert cost["teacher_forwards"] == cost["student_images"] == 2 * N_IMAGES and cost["cache_bytes_read"] == 0
