@@ -6,13 +6,11 @@ Real caches written by hgkd-extract (12 photos, K=2), tiny real teacher and stud
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from conftest import extract_args, run_cli
 from hgkd.distill.checkpoint import LAST, load_checkpoint
@@ -39,16 +37,16 @@ def full_cache(photo_tars, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def view_major_cache(f32_cache, tmp_path_factory) -> str:
-    """The f32 cache with its rows reordered view-major (all views 0, then all views 1), as a
-    grown cache appends rows: the (image, view) -> row table must come from the cache's arrays."""
-    out = tmp_path_factory.mktemp("cache") / "view_major.zarr"
-    shutil.copytree(f32_cache, out)
-    perm = np.array([i * K + v for v in range(K) for i in range(N_IMAGES)])
-    group = zarr.open_group(str(out), mode="r+")
-    for name in FeatureCache.open(str(out)).arrays:
-        group[name].with_config({"write_empty_chunks": True})[:] = group[name][:][perm]
-    return str(out)
+def grown_cache(photo_tars, tmp_path_factory) -> str:
+    """The f32 cache's settings made with K=1, then grown to K=2: views 1 are appended after a
+    padding gap (rows 16..27), so the (image, view) -> row table must come from the cache's arrays."""
+    out = str(tmp_path_factory.mktemp("cache") / "grown.zarr")
+    for k_views in ("1", "2"):
+        args = extract_args(photo_tars, out, "--codec", "f32")
+        args[args.index("--views-per-image") + 1] = k_views
+        result = run_cli(args)
+        assert result.exit_code == 0, result.output
+    return out
 
 
 def one_line(output: str) -> bool:
@@ -67,13 +65,14 @@ def epoch_rows(sampler: ChunkAwareBatchSampler, epoch: int) -> list[EpochRows]:
     return list(sampler)
 
 
-@pytest.mark.parametrize("layout", ["image_major", "view_major"])
-def test_epoch_shows_view_e_mod_k_of_every_image_once(f32_cache, view_major_cache, photo_tars, tmp_path, layout):
-    cache = f32_cache if layout == "image_major" else view_major_cache
+@pytest.mark.parametrize("layout", ["image_major", "grown"])
+def test_epoch_shows_view_e_mod_k_of_every_image_once(f32_cache, grown_cache, photo_tars, tmp_path, layout):
+    cache = f32_cache if layout == "image_major" else grown_cache
     targets = make_targets(cfg(photo_tars, tmp_path, cache=cache), CPU)
     sampler = targets.sampler(4, seed=0, rank=0, world_size=1)
     assert targets.views == K and len(sampler) == N_IMAGES // 4  # an epoch is one pass over the images
-    arrays = FeatureCache.open(cache).read(range(N_IMAGES * K), ["index", "view_index"])
+    stored = FeatureCache.open(cache)
+    arrays = stored.read(range(stored.num_views), ["index", "view_index"])
     for epoch in range(4):
         batches = epoch_rows(sampler, epoch)
         rows = np.concatenate(batches)
@@ -86,8 +85,9 @@ def test_epoch_shows_view_e_mod_k_of_every_image_once(f32_cache, view_major_cach
     assert torch.equal(batch.images, same.images) and torch.equal(batch.tokens, same.tokens)
 
 
-def test_cache_views_uses_the_first_k_views(f32_cache, view_major_cache, photo_tars, tmp_path):
-    for cache in (f32_cache, view_major_cache):
+def test_cache_views_uses_the_first_k_views(f32_cache, grown_cache, photo_tars, tmp_path):
+    assert FeatureCache.open(grown_cache).num_views > N_IMAGES * K  # rows appended after a padding gap
+    for cache in (f32_cache, grown_cache):
         targets = make_targets(cfg(photo_tars, tmp_path, cache=cache, cache_views=1), CPU)
         sampler = targets.sampler(4, seed=0, rank=0, world_size=1)
         views = FeatureCache.open(cache).read(targets.dataset.ok_rows, ["view_index"])["view_index"]
@@ -98,10 +98,10 @@ def test_cache_views_uses_the_first_k_views(f32_cache, view_major_cache, photo_t
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("layout", ["image_major", "view_major"])
-def test_batches_are_shard_local(f32_cache, view_major_cache, photo_tars, layout):
+@pytest.mark.parametrize("layout", ["image_major", "grown"])
+def test_batches_are_shard_local(f32_cache, grown_cache, photo_tars, layout):
     """One shard per window, batch = a shard's images of this epoch's view: one shard per batch."""
-    cache = f32_cache if layout == "image_major" else view_major_cache
+    cache = f32_cache if layout == "image_major" else grown_cache
     dataset = CacheViewDataset(cache, [photo_tars])
     shard_views = FeatureCache.open(cache).shard_views  # 8: 4 or 8 images of one view per shard
     sampler = ChunkAwareBatchSampler(dataset.view_rows, shard_views, 4, seed=1, window=1)
