@@ -26,7 +26,8 @@ from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from ..errors import HgkdError
 from ..extract.data import IMAGE_EXTS, LABEL_EXTS, DataSource, open_source
-from ..extract.views import ViewConfig, ViewParams, decode_image, render_view, sample_view, student_mask
+from ..extract.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
+from ..extract.views import student_mask as draw_student_mask
 from ..storage.cache import STATUS_OK, FeatureCache
 from ..storage.codecs import decode_tokens
 from ..storage.reader import ShardReader
@@ -150,7 +151,7 @@ def check_student_mask(mode: str, view_cfg: ViewConfig, targets: str, fix: str) 
 
 def fresh_masks(view_cfg: ViewConfig, seed: int, keys: list[str], epoch: int) -> np.ndarray:
     """(B, grid, grid) bool student masks of ``epoch`` (True = hidden), one per key."""
-    return np.stack([student_mask(view_cfg, seed, str(key), epoch) for key in keys])
+    return np.stack([draw_student_mask(view_cfg, seed, str(key), epoch) for key in keys])
 
 
 class CacheViewDataset(Dataset):
