@@ -85,7 +85,7 @@ def verify(cache: str) -> None:
 
 @main.command()
 @click.argument("cache")
-@click.option("--json", "as_json", is_flag=True, help="Print the full metadata as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full metadata, plus the cost summary under 'cost', as JSON.")
 @user_errors
 def info(cache: str, as_json: bool) -> None:
     """Print the cache's metadata, growth history, teacher forwards spent and bytes per view."""
