@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from conftest import extract_args, run_cli
 from hgkd.distill.checkpoint import LAST, load_checkpoint
 from hgkd.distill.config import DistillConfig
-from hgkd.distill.data import CacheViewDataset, ChunkAwareBatchSampler, EpochRows
+from hgkd.distill.data import CacheViewDataset, ChunkAwareBatchSampler, EpochRows, whole_batch
 from hgkd.distill.targets import make_targets
 from hgkd.distill.train import Trainer
 from hgkd.storage.cache import FeatureCache
@@ -156,6 +157,11 @@ def test_fresh_student_masks_over_a_full_view_cache(full_cache, photo_tars, tmp_
     assert not torch.equal(epochs[0].visible, epochs[1].visible) and not torch.equal(epochs[1].visible, epochs[2].visible)
     assert not torch.equal(epochs[0].visible, stored[rows].visible)  # not the view's own mask
     assert torch.equal(fresh.dataset[EpochRows(rows, 1)].visible, epochs[1].visible)  # reproducible
+    sampler = fresh.sampler(4, seed=0, rank=0, world_size=1)
+    sampler.set_epoch(1)
+    loader = DataLoader(fresh.dataset, sampler=sampler, batch_size=None, num_workers=1, collate_fn=whole_batch)
+    in_worker, direct = next(iter(loader)), fresh.dataset[EpochRows(next(iter(sampler)), 1)]
+    assert torch.equal(in_worker.visible, direct.visible)  # the epoch reaches a DataLoader worker
     # the online teacher on full views with fresh masks draws the very same student masks
     online = make_targets(cfg(photo_tars, tmp_path, online_teacher=TEACHER, teacher_view="full", online_views=K,
                               student_mask="fresh"), CPU)
