@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from hgkd.errors import HgkdError
 from hgkd.extract.demo_data import write_digits_shards
+from hgkd.pipelines.report import aggregate, markdown_table, set_title, write_report
 from hgkd.pipelines.run import run_pipeline
 from hgkd.pipelines.spec import load_spec, spec_from_dict
 
@@ -69,3 +71,110 @@ def test_invalid_pipeline_file_is_one_line_error(tmp_path, text, message):
     result = subprocess.run([sys.executable, "-m", "hgkd.pipelines.cli", "run", str(path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def budget_spec(tmp_path: Path, **over):
+    """Issue 12's sweep in miniature: two caches of one teacher, a held-out cache, seeds, online."""
+    train, test = write_digits_shards(tmp_path / "data", img_size=32, max_images=120, per_shard=64)
+    blob = {
+        "name": "tiny views budget", "out": str(tmp_path / "out"), "data": [train],
+        "teacher": {"name": "mae_vit_tiny_patch16", "img_size": 32, "pretrain_mae": {"epochs": 1}},
+        "caches": {"masked": {"views_per_image": 2, "mask_ratio": 0.5, "shard_views": 64},
+                   "full": {"views_per_image": 1, "mask_ratio": 0.5, "teacher_view": "full", "shard_views": 64}},
+        "heldout": {"data": [test]},
+        "distill": {"student": "resnet18", "sparse_backend": "masked", "epochs": 1, "warmup_epochs": 0,
+                    "batch_size": 30, "queue_size": 64, "decoder_width": 32, "workers": 0},
+        "eval": {"train": [train], "test": [test], "tasks": ["knn", "mlp"], "img_size": 32},
+        "variants": [{"name": "online", "online": "masked", "seeds": [0, 1]},
+                     {"name": "k1", "cache": "masked", "cache_views": 1},
+                     {"name": "k2", "cache": "masked"},
+                     {"name": "full_fresh", "cache": "full", "student_mask": "fresh"}],
+        **over,
+    }
+    return spec_from_dict(blob)
+
+
+def test_views_budget_pipeline_caches_seeds_online_and_cost_columns(tmp_path, capsys):
+    spec = budget_spec(tmp_path)
+    paths = run_pipeline(spec)
+    with paths["csv"].open() as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["online", "k1", "k2", "full_fresh"]
+    for row in rows.values():
+        for key in ("knn_top1", "mlp_top1", "fidelity_cos", "teacher_fwd", "cache_gb"):
+            assert row[key] != "", (row["variant"], key)
+        assert -1.0 <= float(row["fidelity_cos"]) <= 1.0
+    # seeds: one run per seed, aggregated as mean and sample std
+    with paths["runs_csv"].open() as f:
+        runs = {r["run"]: r for r in csv.DictReader(f)}
+    assert set(runs) == {"online-s0", "online-s1", "k1", "k2", "full_fresh"}
+    mlp = [float(runs[f"online-s{s}"]["mlp_top1"]) for s in (0, 1)]
+    assert float(rows["online"]["mlp_top1"]) == pytest.approx(sum(mlp) / 2)
+    assert float(rows["online"]["mlp_top1_std"]) == pytest.approx(abs(mlp[0] - mlp[1]) / 2 ** 0.5)
+    assert rows["online"]["seeds"] == "2" and rows["k1"]["seeds"] == ""
+    assert " ± " in paths["md"].read_text()
+    # costs: online spends live forwards and no cache; K=1 of a K=2 cache counts half its bytes
+    n_train = 90
+    assert float(rows["online"]["cache_gb"]) == 0.0
+    assert float(rows["online"]["teacher_fwd"]) == n_train  # one live forward per student image
+    assert float(rows["k1"]["cache_gb"]) == pytest.approx(float(rows["k2"]["cache_gb"]) / 2)
+    assert float(rows["k1"]["teacher_fwd"]) == n_train  # its one cached view of each image
+    # two held-out caches (masked and full teacher views), the frontier plot, every stage announced
+    assert sorted(p.name for p in (Path(spec.out) / "heldout").glob("*.zarr")) == ["full.zarr", "masked.zarr"]
+    assert paths["frontier"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    err = capsys.readouterr().err
+    for stage in ("teacher: MAE pre-training", "cache masked: extracting", "held-out cache full: extracting",
+                  "distill online-s1: starting", "evaluate: 5 runs"):
+        assert f"[hgkd-pipeline] {stage}" in err, stage
+    assert "distill: 100%" in err and ("run/s" in err or "s/run" in err)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"cache": {"views_per_image": 1}}, "either 'cache' or 'caches'"),
+    ({"variants": [{"name": "a", "cache": "nope"}]}, "'nope' is not one of the caches"),
+    ({"variants": [{"name": "a", "online": "masked", "cache": "full"}]}, "an online variant reads no cache"),
+    ({"variants": [{"name": "a", "seed": 1, "seeds": [0, 1]}]}, "'seed' or 'seeds'"),
+    ({"variants": [{"name": "a", "seeds": [0, 0]}]}, "distinct integers"),
+    ({"heldout": {"views_per_image": 1}}, "'heldout' needs 'data'"),
+])
+def test_views_budget_spec_errors_are_one_line(tmp_path, over, message):
+    with pytest.raises(HgkdError, match=message):
+        budget_spec(tmp_path, **over)
+
+
+def test_report_aggregates_seeds_and_fits_a_long_title(tmp_path):
+    rows = [{"variant": "a", "run": f"a-s{s}", "description": "", "mlp_top1": v, "teacher_fwd": 10.0}
+            for s, v in enumerate((90.0, 92.0, 94.0))] + [{"variant": "b", "run": "b", "mlp_top1": 80.0,
+                                                           "teacher_fwd": 1000.0}]
+    table = aggregate(rows)
+    assert table[0]["mlp_top1"] == 92.0 and table[0]["mlp_top1_std"] == 2.0 and table[0]["seeds"] == 3
+    assert "| a | 92.00 ± 2.00 | 3 | 10 |" in markdown_table(table, "t")
+    title = "H-GKD demo (digits, 64 px): MAE mini-ViT teacher -> sparse ResNet-18, a title far too long for one line"
+    paths = write_report(rows, tmp_path, title)
+    assert set(paths) == {"csv", "md", "png", "runs_csv", "frontier"}
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    set_title(ax, fig, title)
+    fig.tight_layout()
+    fig.canvas.draw()
+    box, page = ax.title.get_window_extent(), fig.bbox
+    assert box.x0 >= page.x0 and box.x1 <= page.x1 and "\n" in ax.get_title()
+    plt.close(fig)
+
+
+def test_views_budget_pipeline_file_is_the_issue_12_frontier():
+    spec = load_spec(str(Path(__file__).parents[1] / "pipelines" / "views_budget.yaml"))
+    by_epochs: dict[int, dict[str, dict]] = {}
+    for v in spec.variants:
+        by_epochs.setdefault(v["epochs"], {})[v.get("online") and "online" or
+                                               f"{spec.cache_name(v)}_k{v.get('cache_views')}"] = v
+    assert sorted(by_epochs) == [8, 32]
+    expected = {"online", "masked_k1", "masked_k2", "masked_k4", "masked_k8", "full_k1", "full_k2"}
+    for epochs, rows in by_epochs.items():
+        assert set(rows) == expected
+        assert all(len(v["seeds"]) >= (3 if epochs == 8 else 2) for v in rows.values())
+        assert len({v.get("warmup_epochs") for v in rows.values()}) == 1  # one recipe per schedule
+        assert all(v.get("student_mask") == "fresh" for k, v in rows.items() if k.startswith("full"))
+    assert spec.caches["full"]["teacher_view"] == "full" and spec.caches["masked"]["views_per_image"] == 8
+    assert spec.data == ["builtin:digits-train"] and spec.heldout["data"] == ["builtin:digits-test"]
