@@ -6,7 +6,7 @@ STAMP := $(VENV)/.hgkd-installed
 
 .PHONY: install demo test bench clean
 
-$(STAMP): setup.cfg pyproject.toml .ci/install.sh
+$(STAMP): setup.cfg setup.py pyproject.toml .ci/install.sh
 	bash .ci/install.sh
 	touch $(STAMP)
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Create .venv/ with every dependency of hgkd, including MinkowskiEngine 0.5.4 built CPU-only.
-# Idempotent: a second run only checks. The ME wheel is cached per torch version in
-# ${HGKD_WHEEL_CACHE:-~/.cache/hgkd/wheels} so later set-ups skip the 7-8 minute build.
+# Create .venv/ with every dependency of hgkd, including MinkowskiEngine 0.5.4, built CPU-only, or
+# with CUDA where nvcc and a GPU are present (HGKD_ME_BUILD=cpu|cuda overrides the choice).
+# Idempotent: a second run only checks. The ME wheel is cached per torch version and build in
+# ${HGKD_WHEEL_CACHE:-${XDG_CACHE_HOME:-~/.cache}/hgkd/wheels} so later set-ups skip the build.
+# Every failure prints one line naming the step that failed.
 # Build recipe and the reasons for each flag: ../shared/notes/minkowskiengine.md (project notes).
-set -euo pipefail
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
@@ -15,25 +17,31 @@ ME_SHA256=b1879c00d0b0b1d30ba622cce239886a7e3c78ee9da1064cdfe2f64c2ab15f94
 WHEEL_CACHE=${HGKD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hgkd/wheels}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # pip here may list missing local find-links folders once per package: keep logs readable
-quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2 || true); }
 
 log() { echo "[install] $*" >&2; }
+# Every failure names the step it happened in: no silent exit under `set -e`.
+STEP="start"
+step() { STEP="$*"; log "$*"; }
+trap 'rc=$?; echo "[install] error: step \"$STEP\" failed (exit $rc, line $LINENO: $BASH_COMMAND)" >&2; exit $rc' ERR
 
 if [ ! -x "$VENV/bin/python" ]; then
-  log "creating $VENV"
+  step "creating $VENV"
   "$PY" -m venv "$VENV"
 fi
 export PATH="$VENV/bin:$PATH"   # ME's setup.py calls the first `pip` on PATH
 VPY=$VENV/bin/python
 
 if ! dpkg -s libopenblas-dev >/dev/null 2>&1; then
-  log "installing libopenblas-dev (apt)"
+  step "installing libopenblas-dev (apt)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libopenblas-dev >/dev/null
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq libopenblas-dev >/dev/null
 fi
 
+step "upgrading pip, setuptools, wheel"
 "$VPY" -m pip install -q "pip>=24" "setuptools>=70,<81" wheel
-log "installing torch $TORCH_VERSION, torchvision $TORCHVISION_VERSION and the project"
+step "installing torch $TORCH_VERSION, torchvision $TORCHVISION_VERSION and the project"
 quiet "$VPY" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" "numpy>=2,<2.5"
 quiet "$VPY" -m pip install -q -e ".[dev]"
 
@@ -42,12 +50,44 @@ if "$VPY" -c "import MinkowskiEngine" 2>/dev/null; then
   exit 0
 fi
 
+# CUDA >= 12 (CCCL thrust, NVTX 3) no longer compiles ME 0.5.4's .cu files as released: thrust
+# algorithms need their own headers, and its NVTX header collides with CUDA's. These are the fixes reported
+# upstream (NVIDIA/MinkowskiEngine issues 543, 601, 614; see the project's notes); built and run on
+# a GPU machine only where the notes say so.
+patch_me_for_cuda() {
+  local src=$1
+  add_includes() {  # FILE HEADER... : insert the includes at the top of FILE
+    local file=$src/$1; shift
+    local lines=""
+    for h in "$@"; do lines+="#include <$h>\n"; done
+    sed -i "1s|^|$lines|" "$file"
+  }
+  add_includes src/convolution_kernel.cuh thrust/execution_policy.h
+  add_includes src/coordinate_map_gpu.cu thrust/unique.h thrust/remove.h
+  add_includes src/spmm.cu thrust/execution_policy.h thrust/reduce.h thrust/sort.h
+  add_includes src/3rdparty/concurrent_unordered_map.cuh thrust/execution_policy.h
+  # NVTX ranges are profiling marks only: compile them out instead of colliding with CUDA's nvtx3
+  sed -i '1s|^|#define NVTX_DISABLE\n|' "$src/src/3rdparty/cudf/detail/nvtx/nvtx3.hpp"
+}
+
 tv=$("$VPY" -c "import torch; print(torch.__version__.replace('+', '_'))")
-cache_dir=$WHEEL_CACHE/torch-$tv
-find_wheel() { find "$cache_dir" -maxdepth 1 -iname "minkowskiengine-$ME_VERSION-*.whl" 2>/dev/null | head -n1; }
+if [ -n "${HGKD_ME_BUILD:-}" ]; then
+  build=$HGKD_ME_BUILD
+elif command -v nvcc >/dev/null 2>&1 && "$VPY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  build=cuda
+else
+  build=cpu
+fi
+case "$build" in cpu|cuda) ;; *) log "error: HGKD_ME_BUILD=$build: choose cpu or cuda"; exit 2 ;; esac
+log "MinkowskiEngine build: $build (torch $tv)"
+cache_dir=$WHEEL_CACHE/torch-$tv-$build
+find_wheel() {  # prints nothing (and succeeds) when the cache folder does not exist yet
+  [ -d "$cache_dir" ] || return 0
+  find "$cache_dir" -maxdepth 1 -iname "minkowskiengine-$ME_VERSION-*.whl" | head -n1
+}
 wheel=$(find_wheel)
 if [ -z "$wheel" ]; then
-  log "building MinkowskiEngine $ME_VERSION CPU-only (7-8 minutes on 2 cores)"
+  step "building MinkowskiEngine $ME_VERSION ($build; CPU-only takes 7-8 minutes on 2 cores)"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   SETUPTOOLS_USE_DISTUTILS=stdlib "$VPY" -m pip download -q --no-deps --no-binary :all: \
@@ -65,14 +105,23 @@ if [ -z "$wheel" ]; then
     log "error: unpatched 'from collections import Sequence' left in MinkowskiEngine sources"; exit 1
   fi
   mkdir -p "$cache_dir"
-  (cd "$work" && MAX_JOBS=2 SETUPTOOLS_USE_DISTUTILS=stdlib "$VPY" -m pip wheel -q --no-deps \
-    --no-build-isolation --use-pep517 \
-    --config-settings=--global-option=--cpu_only \
+  if [ "$build" = cpu ]; then
+    flags=(--config-settings=--global-option=--cpu_only)
+    jobs=2
+  else
+    patch_me_for_cuda "$src"
+    flags=(--config-settings=--global-option=--force_cuda)
+    jobs=$(nproc)
+    # build for this machine's GPU only (a full arch list multiplies the build time)
+    export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$VPY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+  fi
+  (cd "$work" && MAX_JOBS=$jobs SETUPTOOLS_USE_DISTUTILS=stdlib "$VPY" -m pip wheel -q --no-deps \
+    --no-build-isolation --use-pep517 "${flags[@]}" \
     --config-settings=--global-option=--blas=openblas \
     -w "$cache_dir" "$src")
   wheel=$(find_wheel)
   [ -n "$wheel" ] || { log "error: the MinkowskiEngine build produced no wheel in $cache_dir"; exit 1; }
 fi
-log "installing $wheel"
+step "installing $wheel"
 "$VPY" -m pip install -q --no-deps "$wheel"
 "$VPY" -c "import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__)"
