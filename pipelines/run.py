@@ -90,7 +90,7 @@ def stage_teacher(spec: PipelineSpec) -> str | None:
         return teacher.get("checkpoint")
     out = spec.out_dir / "teacher" / f"{teacher['name']}-mae.pth"
     if out.exists():
-        log.info("teacher: reusing %s", out)
+        announce(f"teacher: reusing {out}")
         return str(out)
     announce(f"teacher: MAE pre-training {teacher['name']} ({pretrain.get('epochs', 'default')} epochs) -> {out}")
     images = torch.stack([decode_image(s.data) for s in open_source(spec.data) if s.data is not None])
@@ -131,7 +131,7 @@ def ensure_cache(cfg: ExtractConfig, what: str) -> str:
         if not report.ok:
             raise HgkdError(f"{what} {url} is complete but fails verify ({report.problems[0]}); "
                             "delete it or point its 'out' elsewhere")
-        log.info("%s: reusing verified %s", what, url)
+        announce(f"{what}: reusing verified {url}")
     else:
         announce(f"{what}: extracting {cfg.view.views_per_image} view(s) per image, "
                  f"teacher_view={cfg.view.teacher_view} -> {url}")
@@ -173,7 +173,7 @@ def stage_classifier_teacher(spec: PipelineSpec, mim_checkpoint: str | None) -> 
     started from its MIM checkpoint and fine-tuned on the labels (with HSAKD's branches)."""
     out = spec.out_dir / "teacher" / "classifier.pt"
     if out.exists():
-        log.info("classifier teacher: reusing %s", out)
+        announce(f"classifier teacher: reusing {out}")
         return str(out)
     opts = {"arch": spec.teacher["name"], "img_size": int(spec.teacher.get("img_size", 224)),
             "branches": True, "test_data": list(spec.eval.test), **spec.classifier_teacher}
@@ -183,6 +183,7 @@ def stage_classifier_teacher(spec: PipelineSpec, mim_checkpoint: str | None) -> 
         cfg = TeacherConfig(data=spec.data, out=str(out), **opts)
     except TypeError as err:
         raise HgkdError(f"{spec.source}: bad 'classifier_teacher' option ({err})") from None
+    announce(f"classifier teacher: fine-tuning {opts['arch']} on the labels -> {out}")
     log.info("classifier teacher: %s", train_teacher(cfg))
     return str(out)
 
