@@ -11,10 +11,30 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import HgkdError
+from ..storage.cache import FeatureCache
+from ..storage.metadata import teacher_identity
 from .checkpoint import LAST, load_checkpoint
 from .config import DistillConfig
 from .data import CacheViewDataset
 from .train import build_student
+
+
+def check_same_teacher(run_dir: Path, ckpt: dict, cfg: DistillConfig, cache: FeatureCache, cache_url: str) -> None:
+    """Refuse a cache of another teacher (name, weights or grid) than the run learnt from.
+
+    Runs checkpointed before the identity was stored (issue 11) are compared with their
+    training cache when it is still there.
+    """
+    trained = ckpt.get("teacher")
+    if trained is None and cfg.cache and FeatureCache.exists(cfg.cache):
+        trained = teacher_identity(FeatureCache.open(cfg.cache).meta.teacher)
+    if trained is None:
+        return
+    held_out = teacher_identity(cache.meta.teacher)
+    diff = [f"{key} {held_out[key]!r} != {trained[key]!r}" for key in held_out if held_out[key] != trained.get(key)]
+    if diff:
+        raise HgkdError(f"--cache {cache_url}: made by another teacher than {run_dir} was trained on "
+                        f"({'; '.join(diff)}); extract the held-out cache with the run's teacher and checkpoint")
 
 
 @torch.no_grad()
@@ -23,6 +43,7 @@ def fidelity(run_dir: Path, cache_url: str, data: list[str], batch_size: int = 6
     """Mean token cosine and relative MSE (sum (s-t)^2 / sum t^2) of the run's student."""
     ckpt = load_checkpoint(run_dir / "checkpoints" / LAST)
     cfg = DistillConfig.from_dict(ckpt["config"], source=str(run_dir))
+    check_same_teacher(run_dir, ckpt, cfg, FeatureCache.open(cache_url), cache_url)
     dataset = CacheViewDataset(cache_url, data)
     meta = dataset.cache.meta.teacher
     model = build_student(cfg, int(meta["embed_dim"]), int(meta["patch_size"]))

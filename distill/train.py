@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..errors import HgkdError
+from ..storage.metadata import teacher_identity
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .classifier import ClassifierNet
 from .config import DistillConfig
@@ -114,6 +115,7 @@ class Trainer:
         self.supervised = method_class(cfg.method).supervised
         self.targets = make_targets(cfg, self.device, supervised=self.supervised)
         self.dataset = self.targets.dataset
+        self.teacher = run_teacher_identity(cfg, self.targets)
         if cfg.batch_size % self.dist.world_size:
             raise HgkdError(f"--batch-size {cfg.batch_size} must be divisible by the {self.dist.world_size} ranks")
         self.sampler = self.targets.sampler(cfg.batch_size // self.dist.world_size, cfg.seed,
@@ -178,7 +180,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "method": self.method.state_dict(), "rng": rng_state(), "epoch": self.epoch,
                 "next_batch": self.next_batch, "global_step": self.global_step, "config": self.cfg.to_dict(),
-                "targets_fingerprint": self.targets.fingerprint, "views": self.targets.views,
+                "targets_fingerprint": self.targets.fingerprint, "teacher": self.teacher, "views": self.targets.views,
                 "cost": self.ledger.state()}
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -252,7 +254,7 @@ class Trainer:
         make_dir(self.run_dir, "--out")
         if self.dist.main:
             self.cfg.save(self.run_dir / "config.yaml")
-        metrics = MetricsLog(self.run_dir, enabled=self.dist.main)
+        metrics = MetricsLog(self.run_dir, enabled=self.dist.main, after_step=self.global_step)
         history: list[dict[str, float]] = []
         steps_done = 0
         while self.epoch < self.cfg.epochs:
@@ -289,6 +291,19 @@ class Trainer:
         return history
 
 
+def run_teacher_identity(cfg: DistillConfig, targets: Any) -> dict[str, Any] | None:
+    """Which teacher's tokens the student learns (name, weights, grid); None for classifier teachers."""
+    if getattr(targets, "cache", None) is not None:
+        return teacher_identity(targets.cache.meta.teacher)
+    if cfg.online_teacher:
+        from ..extract.teachers import sha256_file
+
+        ckpt = cfg.teacher_checkpoint
+        return teacher_identity({"name": cfg.online_teacher, "checkpoint_sha256": sha256_file(ckpt) if ckpt else None,
+                                 "init_seed": cfg.seed, "grid": list(targets.teacher.grid_size)})
+    return None
+
+
 def make_dir(path: Path, option: str) -> None:
     """``mkdir -p`` with a one-line user error (a file in the way, no permission, full disk)."""
     try:
@@ -298,24 +313,54 @@ def make_dir(path: Path, option: str) -> None:
                         f"choose another {option}") from None
 
 
+def _step_of(cell: str) -> float:
+    """A CSV step cell as a number; a torn last line (killed mid-write) counts as after every step."""
+    try:
+        return float(cell)
+    except ValueError:
+        return float("inf")
+
+
 class MetricsLog:
-    """Per-step metrics to ``metrics.csv`` and, when installed, TensorBoard."""
+    """Per-step metrics to ``metrics.csv`` and, when installed, TensorBoard.
+
+    ``after_step``: the step the run (re)starts from. Rows of later steps, logged by a
+    process killed after its last checkpoint, are dropped from the CSV and purged from
+    TensorBoard, so a resumed run logs every step once (issue 11).
+    """
 
     FIELDS = ("epoch", "step", "loss", "lr", "grad_norm", "img_per_s")
 
-    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+    def __init__(self, run_dir: Path, enabled: bool = True, after_step: int = 0) -> None:
         self.enabled = enabled
         if not enabled:
             return
         self._path = run_dir / "metrics.csv"
         self._file = None
         self._csv: csv.DictWriter | None = None
+        self._drop_rows_after(after_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=after_step + 1)
         except ImportError:
             self._tb = None
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Rewrite ``metrics.csv`` (atomically) without rows of steps after ``step``."""
+        if not self._path.exists() or not self._path.stat().st_size:
+            return
+        with self._path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        col = rows[0].index("step")
+        kept = [rows[0], *(r for r in rows[1:] if len(r) == len(rows[0]) and _step_of(r[col]) <= step)]
+        if len(kept) == len(rows):
+            return
+        tmp = self._path.with_name(".metrics.csv.tmp")
+        with tmp.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        os.replace(tmp, self._path)
+        log.info("%s: dropped %d rows logged after step %d (the checkpoint)", self._path, len(rows) - len(kept), step)
 
     def _open(self, row: dict[str, float]) -> csv.DictWriter:
         """Columns: the fixed ones, then the method's loss terms (kept from an existing file)."""

@@ -20,6 +20,17 @@ FORMAT_VERSION = 1
 GROWTH_KEYS = (("view", "views_per_image"), ("storage", "num_views"))
 # Why a sample was skipped (the ``reason`` of a ``skipped`` entry, issue 10).
 SKIP_NO_IMAGE, SKIP_UNDECODABLE = "no image member", "undecodable image bytes"
+# What makes two teachers' tokens the same targets (issue 11): the weights and the token grid.
+TEACHER_IDENTITY = ("name", "checkpoint_sha256", "init_seed", "grid")
+
+
+def teacher_identity(teacher: dict[str, Any]) -> dict[str, Any]:
+    """The identity fields of a cache's ``teacher`` metadata (the seed counts only without a checkpoint)."""
+    ident = {key: teacher.get(key) for key in TEACHER_IDENTITY}
+    if ident["checkpoint_sha256"]:
+        ident["init_seed"] = None
+    ident["grid"] = list(ident["grid"]) if ident["grid"] is not None else None
+    return ident
 
 
 def skip_reason(entry: dict[str, Any]) -> str:
