@@ -59,6 +59,15 @@ class ExtractConfig:
     init_seed: int = 0  # weights of a teacher without --checkpoint (demo/tests only)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Sizes are checked before anything is loaded or written (issue 11)."""
+        for option, value in (("--shard-views", self.shard_views), ("--batch-size", self.batch_size),
+                              ("--img-size", self.view.img_size), ("--world-size", self.world_size)):
+            if value < 1:
+                raise HgkdError(f"{option} {value} must be at least 1")
+        if self.workers < 0:
+            raise HgkdError(f"--workers {self.workers} must be 0 or more")
+
 
 @dataclass
 class ExtractReport:
