@@ -1,12 +1,16 @@
-"""Student encoders (H-GKD Sec. 3.2.1): real MinkowskiEngine vs SparK-style masked compute vs timm.
+"""Student encoders (H-GKD Sec. 3.2.1): real MinkowskiEngine vs SparK-style masked compute vs
+active rows vs timm.
 
-The ME backend is the reference for "sparse": the masked backend must equal it (values, active
-sites, gradients, BN running stats), both must equal a dense timm ResNet when nothing is hidden,
-and hidden pixels must never reach any output.
+The ME backend is the reference for "sparse": the masked and rows backends must equal it
+(values, active sites, gradients, BN running stats), all must equal a dense timm ResNet when
+nothing is hidden, and hidden pixels must never reach any output. Tests that need
+MinkowskiEngine skip when it is absent (GPU machines); there the CUDA tests compare the torch
+backends with each other and with their CPU results.
 """
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import timm
@@ -21,7 +25,12 @@ from hgkd.distill.students.export import export_timm_state_dict, save_safetensor
 from hgkd.errors import HgkdError
 
 NAMES = STUDENT_ENCODERS.names()
-SPARSE_BACKENDS = ["minkowski", "masked"]
+HAS_ME = importlib.util.find_spec("MinkowskiEngine") is not None
+needs_me = pytest.mark.skipif(not HAS_ME, reason="MinkowskiEngine is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+TORCH_SPARSE = ["masked", "rows"]  # backends proven equal to MinkowskiEngine
+SPARSE_BACKENDS = [pytest.param("minkowski", marks=needs_me), *TORCH_SPARSE]
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 IMG = 64
 # 16-px patches of a 64-px image. Sample 0: the top-left 32-px cell is fully visible, the
 # top-right one partly (2 of 4 patches), bottom-left partly (1 of 4), bottom-right hidden.
@@ -49,13 +58,14 @@ def randomize_batch_norms(encoder: SparseResNetEncoder, seed: int = 0) -> Sparse
     return encoder
 
 
-def twins(name: str, dtype: torch.dtype) -> tuple[SparseResNetEncoder, SparseResNetEncoder]:
-    """The same weights under the ME backend and the masked backend."""
+def twins(name: str, dtype: torch.dtype, other: str = "masked",
+          reference: str = "minkowski") -> tuple[SparseResNetEncoder, SparseResNetEncoder]:
+    """The same weights under the reference backend (ME) and backend ``other``."""
     torch.manual_seed(0)
-    me = randomize_batch_norms(create_encoder(name, backend="minkowski")).to(dtype)
-    masked = copy.deepcopy(me)
-    masked.backend = "masked"
-    return me, masked
+    ref = randomize_batch_norms(create_encoder(name, backend=reference)).to(dtype)
+    twin = copy.deepcopy(ref)
+    twin.backend = other
+    return ref, twin
 
 
 def expected_active(visible_bhw: torch.Tensor, stride: int) -> torch.Tensor:
@@ -77,18 +87,27 @@ def loss_of(stages: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     return sum((feat * torch.randn(feat.shape, generator=gen, dtype=feat.dtype)).sum() for feat, _ in stages)
 
 
-# ------------------------------------------------------------------ 1. ME == masked
+# ------------------------------------------------------------------ 1. ME == masked == rows
+@needs_me
 @pytest.mark.parametrize("visible", [VISIBLE_16PX, VISIBLE_32PX], ids=["16px", "32px"])
-@pytest.mark.parametrize("name", NAMES)
-def test_minkowski_equals_masked_train_step_float64(name, visible):
+@pytest.mark.parametrize(("name", "backend"), [*((n, "masked") for n in NAMES), ("resnet18", "rows"), ("resnet50", "rows")])
+def test_minkowski_equals_torch_backend_train_step_float64(name, visible, backend):
     """Values, active sites, every gradient and BN running stats agree to float64 round-off."""
-    me, masked = twins(name, torch.float64)
+    me, masked = twins(name, torch.float64, backend)
+    assert_same_train_step(me, masked, visible)
+    assert int(me.body.bn1.num_batches_tracked) == 1
+
+
+def assert_same_train_step(me: SparseResNetEncoder, masked: SparseResNetEncoder, visible: torch.Tensor,
+                           device: str = "cpu") -> None:
+    """One float64 train step of each (``masked`` on ``device``) gives the same everything."""
     out = {}
-    for enc in (me, masked):
-        stages = enc(images(dtype=torch.float64), visible)
-        loss_of(stages).backward()
-        out[enc.backend] = stages
-    for s, ((f_me, a_me), (f_mk, a_mk), stride) in enumerate(zip(out["minkowski"], out["masked"], me.strides)):
+    for enc, dev in ((me, "cpu"), (masked, device)):
+        stages = enc.to(dev)(images(dtype=torch.float64).to(dev), visible)
+        loss_of([(f.cpu(), a.cpu()) for f, a in stages]).backward()
+        out[enc] = [(f.cpu(), a.cpu()) for f, a in stages]
+    masked.cpu()
+    for s, ((f_me, a_me), (f_mk, a_mk), stride) in enumerate(zip(out[me], out[masked], me.strides)):
         assert f_me.shape == f_mk.shape == (2, me.channels[s], IMG // stride, IMG // stride)
         assert torch.equal(a_me, a_mk) and torch.equal(a_me, expected_active(visible, stride))
         assert not f_me.masked_select(~a_me[:, None]).any() and not f_mk.masked_select(~a_mk[:, None]).any()
@@ -100,12 +119,13 @@ def test_minkowski_equals_masked_train_step_float64(name, visible):
     buffers_masked = dict(masked.named_buffers())
     for bname, b in me.named_buffers():
         assert_close_rel(b.double(), buffers_masked[bname].double(), 1e-12, bname)
-    assert int(me.body.bn1.num_batches_tracked) == 1
 
 
-def test_minkowski_equals_masked_float32_train_then_eval():
+@needs_me
+@pytest.mark.parametrize("backend", TORCH_SPARSE)
+def test_minkowski_equals_torch_backend_float32_train_then_eval(backend):
     """The float32 path at the tolerance training runs at, including eval-mode (running stats)."""
-    me, masked = twins("resnet18", torch.float32)
+    me, masked = twins("resnet18", torch.float32, backend)
     for mode in ("train", "eval"):
         results = []
         for enc in (me, masked):
@@ -122,6 +142,46 @@ def test_minkowski_equals_masked_float32_train_then_eval():
             assert_close_rel(grad, grads_mk[pname], 1e-4, f"{mode} grad {pname}")
     for (bname, b), b_mk in zip(me.named_buffers(), masked.buffers()):
         assert_close_rel(b.double(), b_mk.double(), 1e-5, bname)
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cpu", "rows"), pytest.param("cuda", "masked", marks=needs_cuda),
+                                                 pytest.param("cuda", "rows", marks=needs_cuda)])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_torch_backends_on_device_equal_masked_on_cpu(name, device, backend):
+    """Without MinkowskiEngine (GPU machines): each torch backend on ``device`` equals the masked
+    backend on the CPU, float64, train step (values, sites, gradients, BN running stats)."""
+    reference, twin = twins(name, torch.float64, backend, reference="masked")
+    assert_same_train_step(reference, twin, VISIBLE_16PX, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", TORCH_SPARSE)
+def test_bf16_autocast_train_step_tracks_float32(backend, device):
+    """Under bf16 autocast (the GPU recipe) a train step runs, keeps the mask pattern and float32
+    BN buffers, and stays close to the float32 step on the same weights."""
+    torch.manual_seed(0)
+    enc32 = randomize_batch_norms(create_encoder("resnet18", backend=backend)).to(device)
+    enc16 = copy.deepcopy(enc32)
+    x = images(seed=7).to(device)
+    stages32 = enc32(x, VISIBLE_16PX)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        stages16 = enc16(x, VISIBLE_16PX)
+    loss_of([(f.float().cpu(), a) for f, a in stages16]).backward()
+    for s, ((f16, a16), (f32, a32)) in enumerate(zip(stages16, stages32)):
+        assert f16.dtype == torch.bfloat16 and torch.equal(a16, a32)
+        assert not f16.masked_select(~a16[:, None]).any()
+        assert_close_rel(f16.float(), f32.detach(), 0.1, f"bf16 stage {s + 1}")
+    for (bname, b16), b32 in zip(enc16.named_buffers(), enc32.buffers()):
+        assert b16.dtype == b32.dtype and torch.isfinite(b16.float()).all(), bname
+        assert_close_rel(b16.double(), b32.double(), 0.05, bname)
+    assert all(torch.isfinite(p.grad).all() for p in enc16.parameters())
+
+
+@pytest.mark.parametrize("backend", TORCH_SPARSE)
+def test_channels_last_weights_give_the_same_train_step(backend):
+    """``encoder.to(memory_format=torch.channels_last)`` (fast convs) changes no value."""
+    reference, twin = twins("resnet50", torch.float64, backend, reference="masked")
+    assert_same_train_step(reference, twin.to(memory_format=torch.channels_last), VISIBLE_32PX)
 
 
 # ------------------------------------------------------------------ 2. all visible == timm
