@@ -10,8 +10,8 @@ from click.core import ParameterSource
 import yaml
 
 from ..errors import HgkdError, user_errors
+from ..registry import METHOD_NAMES, STUDENT_NAMES, TEACHER_NAMES
 from .config import SPARSE_BACKENDS, STUDENT_MASKS, DistillConfig, load_yaml
-from .methods import METHODS
 
 
 def parse_method_opts(items: tuple[str, ...]) -> dict:
@@ -37,7 +37,7 @@ def main(verbose: bool) -> None:
 @click.option("--cache", help="Teacher cache written by 'hgkd-extract run'.")
 @click.option("--data", multiple=True, help="The data the cache was made from (same shards/folder).")
 @click.option("--out", help="Run directory (checkpoints, metrics, config).")
-@click.option("--method", type=click.Choice(METHODS.names()), default="hgkd", show_default=True,
+@click.option("--method", type=click.Choice(METHOD_NAMES), default="hgkd", show_default=True,
               help="Distillation method; all but hgkd are supervised baselines needing --teacher-classifier.")
 @click.option("--method-opt", "method_opts", multiple=True, metavar="KEY=VALUE",
               help="A hyper-parameter of --method (repeatable), e.g. kd_weight=1 for ICD+KD.")
@@ -46,13 +46,14 @@ def main(verbose: bool) -> None:
 @click.option("--optimizer", default="lamb", show_default=True, help="timm optimizer name.")
 @click.option("--views-per-image", type=int, default=0, show_default=True,
               help="Baselines: views cycled over epochs (0: a fresh view every epoch).")
-@click.option("--student", default="resnet50", show_default=True)
+@click.option("--student", type=click.Choice(STUDENT_NAMES), default="resnet50", show_default=True)
 @click.option("--sparse-backend", type=click.Choice(SPARSE_BACKENDS), default="minkowski", show_default=True)
 @click.option("--sparse/--no-sparse", default=True, show_default=True, help="Ablation: sparse vs ordinary convs.")
 @click.option("--unet/--no-unet", default=True, show_default=True, help="Ablation: UNet decoder vs plain head.")
 @click.option("--similarity/--no-similarity", default=True, show_default=True, help="Ablation: with/without L_sim.")
 @click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--warmup-epochs", type=int, default=40, show_default=True)
+@click.option("--warmup-epochs", type=int,
+              help="Default: the paper's 40, scaled to 40/100 of --epochs (with a warning) when that exceeds them.")
 @click.option("--batch-size", type=int, default=1024, show_default=True, help="Global batch size.")
 @click.option("--lr", type=float, default=8e-4, show_default=True)
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
@@ -65,7 +66,8 @@ def main(verbose: bool) -> None:
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: epoch ends).")
-@click.option("--online-teacher", help="Run this registered teacher on every batch instead of reading --cache.")
+@click.option("--online-teacher", metavar="NAME",
+              help=f"Run this teacher on every batch instead of reading --cache: {', '.join(TEACHER_NAMES)}.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), help="Checkpoint of --online-teacher.")
 @click.option("--img-size", type=int, default=224, show_default=True, help="Online teacher only (a cache records its own).")
 @click.option("--mask-ratio", type=float, default=0.6, show_default=True, help="Online teacher only.")
@@ -109,7 +111,8 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
 @main.command()
 @click.option("--data", multiple=True, required=True, help="Labelled training data (tars with .cls, or class folders).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file (.pt).")
-@click.option("--arch", required=True, help="A student encoder (resnet18/34/50) or a registered ViT teacher name.")
+@click.option("--arch", required=True, metavar="NAME",
+              help=f"A student encoder ({', '.join(STUDENT_NAMES)}) or a ViT teacher ({', '.join(TEACHER_NAMES)}).")
 @click.option("--init-checkpoint", type=click.Path(dir_okay=False), help="ViT: start from this MIM checkpoint.")
 @click.option("--num-classes", type=int, default=0, show_default=True, help="0: largest label + 1.")
 @click.option("--img-size", type=int, default=224, show_default=True)

@@ -5,6 +5,7 @@ resolved config is written to the run directory and into every checkpoint.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from ..errors import HgkdError
 
 SPARSE_BACKENDS = ("minkowski", "masked")
 STUDENT_MASKS = ("cached", "fresh")
+PAPER_EPOCHS, PAPER_WARMUP_EPOCHS = 100, 40  # Sec. 4.1: 40 warm-up epochs of 100
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,7 +37,7 @@ class DistillConfig:
     similarity: bool = True  # ablation: False = L_mse only
     decoder_width: int = 512
     epochs: int = 100
-    warmup_epochs: int = 40
+    warmup_epochs: int | None = None  # None: the paper's 40, or 40/100 of epochs when epochs < 40
     batch_size: int = 1024  # global; split evenly over DDP ranks
     lr: float = 8e-4
     weight_decay: float = 1e-4
@@ -74,6 +78,8 @@ class DistillConfig:
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
         if self.sparse_backend not in SPARSE_BACKENDS:
             raise HgkdError(f"--sparse-backend {self.sparse_backend!r}: choose one of {', '.join(SPARSE_BACKENDS)}")
+        if self.warmup_epochs is None:
+            self.warmup_epochs = default_warmup_epochs(self.epochs)
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise HgkdError(f"--warmup-epochs {self.warmup_epochs} must be between 0 and --epochs {self.epochs}")
         if self.batch_size < 1 or self.epochs < 1:
@@ -102,6 +108,16 @@ class DistillConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def default_warmup_epochs(epochs: int) -> int:
+    """The paper's 40 warm-up epochs, scaled to its proportion (40/100) when ``epochs`` < 40."""
+    if epochs >= PAPER_WARMUP_EPOCHS:
+        return PAPER_WARMUP_EPOCHS
+    scaled = max(epochs, 0) * PAPER_WARMUP_EPOCHS // PAPER_EPOCHS
+    log.warning("--warmup-epochs not given: the default %d exceeds --epochs %d, using %d (the paper's %d/%d)",
+                PAPER_WARMUP_EPOCHS, epochs, scaled, PAPER_WARMUP_EPOCHS, PAPER_EPOCHS)
+    return scaled
 
 
 def load_yaml(path: str) -> dict[str, Any]:

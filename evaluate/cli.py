@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from ..errors import user_errors
-from .probe import HEADS
+from ..registry import PROBE_HEAD_NAMES
 
 
 @click.group()
@@ -74,7 +74,7 @@ def knn(**opts: Any) -> None:
 
 @main.command()
 @common_options
-@click.option("--head", type=click.Choice(HEADS), default="mlp", show_default=True,
+@click.option("--head", type=click.Choice(PROBE_HEAD_NAMES), default="mlp", show_default=True,
               help="mlp: the paper's Linear-ReLU-Linear head; linear: one Linear layer.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)

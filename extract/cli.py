@@ -8,10 +8,9 @@ import sys
 import click
 
 from ..errors import user_errors
-from ..storage.cache import FeatureCache
-from ..storage.codecs import COMPRESSORS, TOKEN_CODECS, CodecSpec
-from ..storage.verify import verify_cache
-from .views import ViewConfig
+from ..registry import COMPRESSOR_NAMES, TEACHER_NAMES, TOKEN_CODEC_NAMES
+
+# torch, timm and zarr are imported inside the commands, so that --help answers at once.
 
 
 @click.group()
@@ -23,7 +22,7 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--data", multiple=True, required=True, help="Tar shards (brace patterns, URLs) or an image folder.")
-@click.option("--teacher", required=True, help="Registered teacher name, e.g. cae_large_patch16.")
+@click.option("--teacher", required=True, metavar="NAME", help=f"Registered teacher: {', '.join(TEACHER_NAMES)}.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Official release checkpoint (local file).")
 @click.option("--out", required=True, help="Cache path or fsspec URL (Zarr v3 group).")
 @click.option("--views-per-image", default=1, show_default=True)
@@ -35,8 +34,8 @@ def main(verbose: bool) -> None:
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
-@click.option("--codec", type=click.Choice(TOKEN_CODECS), default="int8ct", show_default=True)
-@click.option("--compressor", type=click.Choice(COMPRESSORS), default="lz4", show_default=True)
+@click.option("--codec", type=click.Choice(TOKEN_CODEC_NAMES), default="int8ct", show_default=True)
+@click.option("--compressor", type=click.Choice(COMPRESSOR_NAMES), default="lz4", show_default=True)
 @click.option("--clevel", default=5, show_default=True)
 @click.option("--shard-views", default=256, show_default=True, help="Views per cache shard (one file per array).")
 @click.option("--workers", default=2, show_default=True, help="Image decoding threads.")
@@ -49,7 +48,9 @@ def main(verbose: bool) -> None:
 @user_errors
 def run(**opts) -> None:
     """Extract teacher tokens into a cache; re-run the same command to resume."""
-    from .run import ExtractConfig, run_extract  # torch/timm import only when needed
+    from ..storage.codecs import CodecSpec
+    from .run import ExtractConfig, run_extract
+    from .views import ViewConfig
 
     view = ViewConfig(
         img_size=opts["img_size"], mask_ratio=opts["mask_ratio"], mask_granularity=int(opts["mask_granularity"]),
@@ -75,6 +76,8 @@ def run(**opts) -> None:
 @user_errors
 def verify(cache: str) -> None:
     """Read every chunk; exit 1 on any hole, duplicate, corrupt or missing shard."""
+    from ..storage.verify import verify_cache
+
     report = verify_cache(cache)
     for line in report.problems:
         click.echo(f"problem: {line}", err=True)
@@ -89,6 +92,8 @@ def verify(cache: str) -> None:
 @user_errors
 def info(cache: str, as_json: bool) -> None:
     """Print the cache's metadata, growth history, teacher forwards spent and bytes per view."""
+    from ..storage.cache import FeatureCache
+
     fc = FeatureCache.open(cache)
     cost = fc.cost_summary()
     if as_json:
@@ -115,7 +120,8 @@ def info(cache: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, help="Folder for the demo data and cache.")
-@click.option("--teacher", default="cae_tiny_patch16", show_default=True)
+@click.option("--teacher", default="cae_tiny_patch16", show_default=True, metavar="NAME",
+              help=f"Registered teacher: {', '.join(TEACHER_NAMES)}.")
 @user_errors
 def demo(out: str, teacher: str) -> None:
     """Main job on the embedded default: pack scikit-image's photos, extract, verify, info.
@@ -125,6 +131,7 @@ def demo(out: str, teacher: str) -> None:
     """
     from pathlib import Path
 
+    from ..storage.verify import verify_cache
     from .demo_data import write_demo_shards
 
     pattern = write_demo_shards(Path(out) / "data")

@@ -55,13 +55,17 @@ class DataSource:
 
 
 def open_source(spec: list[str] | str) -> DataSource:
-    """Resolve ``--data`` (tar patterns with braces, URLs, or one image folder) and count it."""
+    """Resolve ``--data`` (tar patterns with braces, URLs, one image folder, or one folder of
+    tar shards) and count it."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs or not all(s.strip() for s in specs):
         raise HgkdError("--data is empty; give tar shards ('train-{000..009}.tar') or an image folder")
     if len(specs) == 1 and Path(specs[0]).is_dir():
         return _open_folder(specs[0])
-    urls = [u for s in specs for u in wds.shardlists.expand_urls(s)]
+    return _open_tars(specs, [u for s in specs for u in wds.shardlists.expand_urls(s)])
+
+
+def _open_tars(specs: list[str], urls: list[str]) -> DataSource:
     entries = []
     for url in urls:
         if "://" in url:
@@ -84,12 +88,18 @@ def open_source(spec: list[str] | str) -> DataSource:
 
 
 def _open_folder(root: str) -> DataSource:
+    """An image folder (``root/class/img.jpg``), or a folder holding only ``.tar`` shards."""
     files = sorted(
         p for p in Path(root).rglob("*")
         if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
     )
     if not files:
-        raise HgkdError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) found in this folder")
+        shards = sorted(str(p) for p in Path(root).glob("*.tar") if p.is_file())
+        if shards:
+            return _open_tars([root], shards)
+        raise HgkdError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) and no .tar shards found in this "
+                        "folder; give an image folder (root/class/img.jpg) or tar shards as a brace pattern, "
+                        "e.g. 'shards/train-{0000..0009}.tar'")
     entries = [(str(p.relative_to(root)), p.stat().st_size) for p in files]
     return DataSource("folder", [str(root)], entries, len(entries))
 

@@ -2,7 +2,8 @@
 
 ``create_teacher('cae_large_patch16', checkpoint='cae_large_1600ep.pth')`` builds, loads and
 freezes a teacher; ``teacher.forward_masked(images_bchw, mask_bn)`` returns
-``(tokens_bnc, valid_bn)`` over all patch positions.
+``(tokens_bnc, valid_bn)`` over all patch positions. A new teacher's name also goes in
+``hgkd.registry.TEACHER_NAMES`` (what ``--help`` lists; a test keeps the two equal).
 """
 from . import beit, cae, mae  # noqa: F401  (importing registers the factories)
 from .base import (
