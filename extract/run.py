@@ -141,7 +141,11 @@ def open_or_create(cfg: ExtractConfig, meta: CacheMeta) -> tuple[FeatureCache, i
             raise HgkdError(f"--out {cfg.out}: directory is not writable")
     with creation_lock(cfg.out) if "://" not in cfg.out else nullcontext():
         if not FeatureCache.exists(cfg.out):
-            return FeatureCache.create(cfg.out, meta), None
+            try:
+                return FeatureCache.create(cfg.out, meta), None
+            except OSError as err:  # disk full, quota, read-only: the half-made cache is not a cache yet
+                raise HgkdError(f"--out {cfg.out}: creating the cache failed ({err.strerror or err}); free space "
+                                "or fix the storage, then re-run the same command") from None
         cache = FeatureCache.open(cfg.out, mode="r+")
         if not _growth_views(cfg, meta, cache):
             return cache, None

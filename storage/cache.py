@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import zarr
 import zarr.storage
+from zarr.codecs import Crc32cCodec, ShardingCodec
+from zarr.core.sync import sync
 
 from ..errors import HgkdError
 from .codecs import CodecSpec, decode_tokens
@@ -107,10 +109,37 @@ def view_arrays(meta: CacheMeta) -> dict[str, ArraySpec]:
     return arrays
 
 
-class FeatureCache:
-    """A teacher-token cache opened by local path or fsspec URL."""
+def has_checksum(array: zarr.Array) -> bool:
+    """Whether every stored chunk (and shard index) of ``array`` carries a crc32c."""
+    codecs = array.metadata.codecs
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        inner = codecs[0]
+        return any(isinstance(c, Crc32cCodec) for c in inner.codecs) and any(
+            isinstance(c, Crc32cCodec) for c in inner.index_codecs)
+    return any(isinstance(c, Crc32cCodec) for c in codecs)
 
-    def __init__(self, group: zarr.Group, url: str) -> None:
+
+def _create_array(root: zarr.Group, meta: CacheMeta, name: str, overwrite: bool) -> zarr.Array:
+    """One per-view array with the cache's layout; ``overwrite=False`` keeps chunk files already there."""
+    st = meta.storage
+    spec = view_arrays(meta)[name]
+    codec = CodecSpec(st["codec"], st["compressor"], st["clevel"])
+    itemsize = 1 if spec.dtype in (str, "bool") else np.dtype(spec.dtype).itemsize
+    common = dict(name=name, shape=(st["num_views"], *spec.row_shape), dtype=spec.dtype,
+                  compressors=codec.compressors(itemsize), overwrite=overwrite)  # all end in crc32c (issue 11)
+    if spec.sharded:
+        return root.create_array(chunks=(1, *spec.row_shape), shards=(st["shard_views"], *spec.row_shape), **common)
+    return root.create_array(chunks=(st["shard_views"], *spec.row_shape), **common)
+
+
+class FeatureCache:
+    """A teacher-token cache opened by local path or fsspec URL.
+
+    Opening refuses a cache whose array metadata is gone (one line naming the array), unless
+    ``require_arrays=False`` (``hgkd-extract repair``, which re-creates it).
+    """
+
+    def __init__(self, group: zarr.Group, url: str, require_arrays: bool = True) -> None:
         self.group = group
         self.url = url
         blob = group.attrs.get(ATTR)
@@ -119,43 +148,34 @@ class FeatureCache:
         self.meta = CacheMeta.from_json(blob)
         self.codec = CodecSpec(self.meta.storage["codec"], self.meta.storage["compressor"], self.meta.storage["clevel"])
         self.arrays = view_arrays(self.meta)
+        missing = self.missing_arrays()
+        if missing and require_arrays:
+            raise HgkdError(f"{url}: array '{missing[0]}' is missing (its zarr.json is gone"
+                            f"{f'; also {missing[1:]}' if missing[1:] else ''}); the cache is damaged: "
+                            f"run 'hgkd-extract repair {url}'")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def create(cls, url: str, meta: CacheMeta, storage_options: dict | None = None) -> "FeatureCache":
         """Create an empty cache (all shards pending) with the given settings."""
         root = zarr.open_group(url, mode="a", storage_options=storage_options)
-        st = meta.storage
-        n_views, shard_views = st["num_views"], st["shard_views"]
-        codec = CodecSpec(st["codec"], st["compressor"], st["clevel"])
-        for name, spec in view_arrays(meta).items():
-            shape = (n_views, *spec.row_shape)
-            itemsize = 1 if spec.dtype in (str, "bool") else np.dtype(spec.dtype).itemsize
-            common = dict(
-                name=name,
-                shape=shape,
-                dtype=spec.dtype,
-                compressors=codec.compressors(itemsize) if spec.dtype is not str else "auto",
-                overwrite=True,
-            )
-            if spec.sharded:
-                root.create_array(chunks=(1, *spec.row_shape), shards=(shard_views, *spec.row_shape), **common)
-            else:
-                root.create_array(chunks=(shard_views, *spec.row_shape), **common)
+        for name in view_arrays(meta):
+            _create_array(root, meta, name, overwrite=True)
         root.create_group(SHARDS_GROUP, overwrite=True)
         k_views = int(meta.view["views_per_image"])
-        first = RowBlock(0, k_views, 0, n_views // k_views)
+        first = RowBlock(0, k_views, 0, int(meta.storage["num_views"]) // k_views)
         root.attrs[ATTR] = replace(meta, blocks=[first.to_json()]).to_json()  # last: without it, not a cache
         return cls(root, url)
 
     @classmethod
-    def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> "FeatureCache":
-        """Open an existing cache; clear error if ``url`` holds none."""
+    def open(cls, url: str, mode: str = "r", storage_options: dict | None = None,
+             require_arrays: bool = True) -> "FeatureCache":
+        """Open an existing cache; clear error if ``url`` holds none or lost an array's metadata."""
         try:
             group = zarr.open_group(url, mode=mode, storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
             raise HgkdError(f"{url}: no hgkd cache there ({type(err).__name__}); run 'hgkd-extract run' first") from None
-        return cls(group, url)
+        return cls(group, url, require_arrays)
 
     @staticmethod
     def exists(url: str, storage_options: dict | None = None) -> bool:
@@ -164,6 +184,24 @@ class FeatureCache:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             return False
         return ATTR in group.attrs
+
+    def missing_arrays(self) -> list[str]:
+        """Arrays whose ``zarr.json`` is gone (their chunk files may still be there)."""
+        with warnings.catch_warnings():  # an array folder without zarr.json: "not recognized"
+            warnings.filterwarnings("ignore", "Object at .* is not recognized", category=UserWarning)
+            present = set(self.group.array_keys())
+        return [name for name in self.arrays if name not in present]
+
+    def restore_missing_arrays(self) -> list[str]:
+        """Re-create lost array metadata from the cache's settings; chunk files on storage are kept."""
+        missing = self.missing_arrays()
+        for name in missing:
+            _create_array(self.group, self.meta, name, overwrite=False)
+        return missing
+
+    def unchecked_arrays(self) -> list[str]:
+        """Arrays stored without a crc32c checksum (``key`` in caches made before issue 11)."""
+        return [name for name in self.arrays if not has_checksum(self.group[name])]
 
     # ---- geometry ---------------------------------------------------------------------
     @property
@@ -216,6 +254,26 @@ class FeatureCache:
             return dict(self.group[f"{SHARDS_GROUP}/{shard:06d}"].attrs)
         except KeyError:
             return None
+
+    def shard_file_key(self, name: str, shard: int) -> str:
+        """Store key of array ``name``'s file for cache shard ``shard`` (one file per array and shard)."""
+        array = self.group[name]
+        coords = (shard,) + (0,) * (array.ndim - 1)
+        return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+    def has_shard_file(self, name: str, shard: int) -> bool:
+        return bool(sync(self.group.store.exists(self.shard_file_key(name, shard))))
+
+    def clear_shard(self, shard: int) -> list[str]:
+        """Delete a shard's completion record, then its array files; returns the arrays that had one.
+
+        The next ``hgkd-extract run`` writes the shard afresh. The caller holds the shard's lock.
+        """
+        sync(self.group.store.delete_dir(f"{SHARDS_GROUP}/{shard:06d}"))  # first: readers stop trusting it
+        had = [name for name in self.arrays if self.has_shard_file(name, shard)]
+        for name in had:
+            sync(self.group.store.delete(self.shard_file_key(name, shard)))
+        return had
 
     def is_complete(self) -> bool:
         return self.meta.status == "complete"

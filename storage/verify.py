@@ -2,18 +2,18 @@
 
 Checks, per cache shard: a completion record exists and matches the cache's settings; every
 array's shard file is present (a deleted file would silently read as zeros) and decodes
-(crc32c on every chunk and shard index); row bookkeeping has no holes or duplicates (inside
+(crc32c on every chunk and shard index of every array); row bookkeeping has no holes or duplicates (inside
 each row block, row = first row + sample index * block views + view offset, issue 12; status
 ok/skipped for every row, counts equal the record). Padding rows between growth blocks are
-outside every shard's rows and are not checked.
+outside every shard's rows and are not checked. Complete shards with a problem are listed in
+``damaged``: ``hgkd-extract repair`` clears them for re-extraction (``extract/repair.py``).
+Caches made before issue 11 store ``key`` without crc32c; ``unchecked`` names such arrays.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
-import zarr
-from zarr.core.sync import sync
 
 from .cache import STATUS_OK, STATUS_SKIPPED, FeatureCache
 
@@ -24,16 +24,17 @@ class VerifyReport:
     shards_checked: int = 0
     views_ok: int = 0
     views_skipped: int = 0
+    damaged: set[int] = field(default_factory=set)  # complete shards whose data or record is bad
+    unchecked: list[str] = field(default_factory=list)  # arrays without crc32c (old caches): flips go unseen
+
+    def problem(self, shard: int | None, line: str) -> None:
+        self.problems.append(line)
+        if shard is not None:
+            self.damaged.add(shard)
 
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _shard_file_exists(array: zarr.Array, shard: int) -> bool:
-    coords = (shard,) + (0,) * (array.ndim - 1)
-    key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
-    return bool(sync(array.store.exists(key)))
 
 
 def verify_shard(cache: FeatureCache, shard: int, report: VerifyReport, seen_keys: dict[str, int]) -> None:
@@ -44,17 +45,17 @@ def verify_shard(cache: FeatureCache, shard: int, report: VerifyReport, seen_key
         report.problems.append(f"{where}: not complete; re-run the same 'hgkd-extract run' command to finish it")
         return
     if record.get("settings") != cache.meta.fingerprint():
-        report.problems.append(f"{where}: written with other settings than the cache's metadata")
+        report.problem(shard, f"{where}: written with other settings than the cache's metadata")
     data = {}
     for name in cache.arrays:
         array = cache.group[name]
-        if not _shard_file_exists(array, shard):
-            report.problems.append(f"{where}: array '{name}' has no data on storage (file missing)")
+        if not cache.has_shard_file(name, shard):
+            report.problem(shard, f"{where}: array '{name}' has no data on storage (file missing)")
             continue
         try:
             data[name] = array[rows.start : rows.stop]
         except Exception as err:  # checksum mismatch, truncated shard, bad index...
-            report.problems.append(f"{where}: array '{name}' is corrupt ({type(err).__name__}: {err})")
+            report.problem(shard, f"{where}: array '{name}' is corrupt ({type(err).__name__}: {err})")
     report.shards_checked += 1
     if not {"status", "index", "view_index", "key"} <= set(data):
         return
@@ -63,26 +64,26 @@ def verify_shard(cache: FeatureCache, shard: int, report: VerifyReport, seen_key
     status = data["status"]
     n_ok, n_skip = int((status == STATUS_OK).sum()), int((status == STATUS_SKIPPED).sum())
     if n_ok + n_skip != len(rows):
-        report.problems.append(f"{where}: {len(rows) - n_ok - n_skip} rows were never written (holes)")
+        report.problem(shard, f"{where}: {len(rows) - n_ok - n_skip} rows were never written (holes)")
     if (n_ok, n_skip) != (record.get("num_ok"), record.get("num_skipped")):
-        report.problems.append(f"{where}: record says {record.get('num_ok')} ok/{record.get('num_skipped')} skipped, "
+        report.problem(shard, f"{where}: record says {record.get('num_ok')} ok/{record.get('num_skipped')} skipped, "
                                f"arrays hold {n_ok}/{n_skip}")
     bad = (data["index"] != index) | (data["view_index"] != view_index)
     if bad.any():
-        report.problems.append(f"{where}: {int(bad.sum())} rows hold another view's data (duplicates or misplaced)")
+        report.problem(shard, f"{where}: {int(bad.sum())} rows hold another view's data (duplicates or misplaced)")
     for row, key, view_index in zip(row_ids, data["key"], data["view_index"]):
         tag = f"{key}#{view_index}"
         if tag in seen_keys:
-            report.problems.append(f"{where}: view {tag} is stored twice (rows {seen_keys[tag]} and {row})")
+            report.problem(shard, f"{where}: view {tag} is stored twice (rows {seen_keys[tag]} and {row})")
         seen_keys[tag] = int(row)
     report.views_ok += n_ok
     report.views_skipped += n_skip
 
 
-def verify_cache(url: str) -> VerifyReport:
-    """Check every shard of the cache at ``url``; problems are one line each."""
-    cache = FeatureCache.open(url)
-    report = VerifyReport()
+def verify_cache(url: str | FeatureCache) -> VerifyReport:
+    """Check every shard of the cache at ``url`` (or an open cache); problems are one line each."""
+    cache = url if isinstance(url, FeatureCache) else FeatureCache.open(url)
+    report = VerifyReport(unchecked=cache.unchecked_arrays())
     seen: dict[str, int] = {}
     for shard in range(cache.num_shards):
         verify_shard(cache, shard, report, seen)
