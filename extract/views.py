@@ -130,11 +130,16 @@ def student_mask(cfg: ViewConfig, seed: int, key: str, epoch: int) -> np.ndarray
 
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 RGB tensor (3, H, W); raises on undecodable data."""
+    """Encoded image bytes -> uint8 RGB tensor (3, H, W); raises on undecodable data.
+
+    The tensor is a view of the decoded (H, W, 3) array (channels-last memory): one copy
+    instead of three, and ``render_view`` gives the same pixels from either layout (issue 13,
+    P2c; checked in ``tests/test_decode.py``). JPEG draft (reduced-size) decoding is not used:
+    it changes pixels, and a 224-px view of an ImageNet-sized (~500x375) image never allows it."""
     with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        rgb = img.convert("RGB")
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        array_hwc = np.array(rgb)  # decodes; a writable copy of PIL's buffer
+    return torch.from_numpy(array_hwc).permute(2, 0, 1)
 
 
 def render_view(image_chw: torch.Tensor, params: ViewParams, cfg: ViewConfig) -> torch.Tensor:
