@@ -106,3 +106,14 @@ def _describe(expected: Any) -> str:
     if origin is dict:
         return "a mapping"
     return names.get(expected, getattr(expected, "__name__", str(expected)))
+
+
+def unknown_keys(keys: list[str] | set[str], known: list[str] | tuple[str, ...] | set[str]) -> str:
+    """``unknown key 'chekpoint' (did you mean 'checkpoint'?)``: the phrase for misspelt keys."""
+    import difflib
+
+    parts = []
+    for key in sorted(keys):
+        close = difflib.get_close_matches(str(key), list(known), n=1)
+        parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return f"unknown key{'s' if len(parts) > 1 else ''} {', '.join(parts)}; known: {', '.join(sorted(known))}"

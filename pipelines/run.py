@@ -25,6 +25,7 @@ from ..distill.export_run import export_run
 from ..distill.methods import method_class
 from ..distill.teacher_train import TeacherConfig, accuracy, train_teacher
 from ..distill.train import Trainer
+from ..config import unknown_keys
 from ..errors import HgkdError
 from ..extract.data import open_source
 from ..extract.demo_data import write_digits_shards
@@ -105,6 +106,10 @@ def _extract_config(spec: PipelineSpec, options: dict[str, Any], data: list[str]
     opts = {k: v for k, v in options.items() if k != "out"}
     view_keys = {f.name for f in fields(ViewConfig)}
     codec_keys = {f.name for f in fields(CodecSpec)}
+    known = (view_keys | codec_keys | {f.name for f in fields(ExtractConfig)} | {"out"}) - {
+        "view", "codec", "data", "teacher", "checkpoint", "patch_size", "progress"}
+    if set(options) - known:
+        raise HgkdError(f"{spec.source}: {label}: {unknown_keys(set(options) - known, known)}")
     rest = {k: v for k, v in opts.items() if k not in view_keys | codec_keys}
     try:
         view = ViewConfig(img_size=int(spec.teacher.get("img_size", 224)),
@@ -168,6 +173,18 @@ def stage_heldout(spec: PipelineSpec, checkpoint: str | None, names: list[str]) 
     return urls
 
 
+def classifier_config(spec: PipelineSpec, mim_checkpoint: str | None) -> TeacherConfig:
+    """The classifier teacher's options: the pipeline's ViT teacher, then ``classifier_teacher``."""
+    opts = {"arch": spec.teacher["name"], "img_size": int(spec.teacher.get("img_size", 224)),
+            "branches": True, "test_data": list(spec.eval.test), **spec.classifier_teacher}
+    if opts["arch"] == spec.teacher["name"]:
+        opts.setdefault("init_checkpoint", mim_checkpoint)
+    try:
+        return TeacherConfig(data=spec.data, out=str(spec.out_dir / "teacher" / "classifier.pt"), **opts)
+    except TypeError as err:
+        raise HgkdError(f"{spec.source}: bad 'classifier_teacher' option ({err})") from None
+
+
 def stage_classifier_teacher(spec: PipelineSpec, mim_checkpoint: str | None) -> str:
     """The baselines' classifier teacher, trained once: by default the pipeline's ViT teacher
     started from its MIM checkpoint and fine-tuned on the labels (with HSAKD's branches)."""
@@ -175,15 +192,8 @@ def stage_classifier_teacher(spec: PipelineSpec, mim_checkpoint: str | None) -> 
     if out.exists():
         announce(f"classifier teacher: reusing {out}")
         return str(out)
-    opts = {"arch": spec.teacher["name"], "img_size": int(spec.teacher.get("img_size", 224)),
-            "branches": True, "test_data": list(spec.eval.test), **spec.classifier_teacher}
-    if opts["arch"] == spec.teacher["name"]:
-        opts.setdefault("init_checkpoint", mim_checkpoint)
-    try:
-        cfg = TeacherConfig(data=spec.data, out=str(out), **opts)
-    except TypeError as err:
-        raise HgkdError(f"{spec.source}: bad 'classifier_teacher' option ({err})") from None
-    announce(f"classifier teacher: fine-tuning {opts['arch']} on the labels -> {out}")
+    cfg = classifier_config(spec, mim_checkpoint)
+    announce(f"classifier teacher: fine-tuning {cfg.arch} on the labels -> {out}")
     log.info("classifier teacher: %s", train_teacher(cfg))
     return str(out)
 
@@ -311,8 +321,34 @@ def run_costs(spec: PipelineSpec, variant: dict[str, Any], url: str | None) -> d
     return row
 
 
+def validate_stages(spec: PipelineSpec) -> None:
+    """Build every stage's options once before the first stage runs (issue 11): a misspelt key in
+    any section is one line at once, not after the teacher and caches took hours."""
+    for name in spec.cache_options:
+        label = "cache" if name == DEFAULT_CACHE and not spec.caches else f"caches.{name}"
+        _extract_config(spec, spec.cache_options[name], spec.data, None, cache_url(spec, name), label)
+        if spec.heldout:
+            _extract_config(spec, heldout_options(spec, name), spec.heldout["data"], None, "heldout", "heldout")
+    runs = [r for r in spec.runs() if not r.get("scratch")]
+    for run in runs:
+        distill_config(spec, run, "cache", "classifier", None)
+    if any(is_supervised(spec, r) for r in runs):
+        classifier_config(spec, None)
+
+
+def mark_random_teacher(spec: PipelineSpec, rows: list[dict[str, Any]]) -> str:
+    """The report's title; a teacher without weights (``random_init: true``) is said there and in
+    every row's description."""
+    if not spec.teacher.get("random_init"):
+        return spec.name
+    for row in rows:
+        row["description"] = f"{row.get('description') or ''} [random-init teacher]".strip()
+    return f"{spec.name} [random-init teacher: no trained weights]"
+
+
 def run_pipeline(spec: PipelineSpec) -> dict[str, Path]:
     """All stages in order; returns the paths of results.csv/.md/.png (and frontier.png)."""
+    validate_stages(spec)
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     resolve_builtin(spec)
     checkpoint = stage_teacher(spec)
@@ -352,4 +388,4 @@ def run_pipeline(spec: PipelineSpec) -> dict[str, Path]:
             if spec.eval.test and run in supervised:
                 row.update(stage_classifier_eval(spec, run))
             rows.append(row)
-    return write_report(rows, spec.out_dir, spec.name)
+    return write_report(rows, spec.out_dir, mark_random_teacher(spec, rows))

@@ -15,6 +15,9 @@ variants:
   - {name: scratch, scratch: true}                  # untrained student: the floor
 classifier_teacher: {epochs: 10, branches: true}    # hgkd-distill teacher options; arch = teacher.name
 ```
+The teacher's weights come from ``checkpoint`` or ``pretrain_mae``; a randomly initialised
+teacher must be asked for with ``random_init: true`` (and is marked in the results). Every
+section's keys are checked before the first stage runs (``pipelines.run.validate_stages``).
 ``--set section.key=value`` overrides any entry from the command line. Data entries
 ``builtin:digits-train`` / ``builtin:digits-test`` are the shipped digits (``builtin`` section:
 ``img_size``, ``max_images``), written under ``out/data`` on first use.
@@ -45,11 +48,12 @@ from typing import Any
 
 import yaml
 
-from ..config import load_mapping
+from ..config import load_mapping, unknown_keys
 from ..errors import HgkdError
 
 EVAL_TASKS = ("knn", "linear", "mlp", "finetune")
 DEFAULT_CACHE = "default"  # the name of a pipeline's single ``cache``
+TEACHER_KEYS = ("name", "checkpoint", "img_size", "pretrain_mae", "random_init")
 
 
 @dataclass
@@ -87,6 +91,7 @@ class PipelineSpec:
             raise HgkdError(f"{self.source}: unknown eval tasks {bad}; choose from {list(EVAL_TASKS)}")
         if "name" not in self.teacher:
             raise HgkdError(f"{self.source}: 'teacher' needs a 'name' (a registered teacher)")
+        self._check_teacher()
         if self.cache and self.caches:
             raise HgkdError(f"{self.source}: give either 'cache' or 'caches' (named caches), not both")
         if not all(isinstance(v, dict) for v in self.caches.values()):
@@ -95,6 +100,18 @@ class PipelineSpec:
             raise HgkdError(f"{self.source}: 'heldout' needs 'data' (the held-out images of the fidelity cache)")
         for variant in self.variants:
             self._check_variant(variant)
+
+    def _check_teacher(self) -> None:
+        """Known keys only; no checkpoint (nor MAE pre-training) only with an explicit ``random_init: true``."""
+        unknown = set(self.teacher) - set(TEACHER_KEYS)
+        if unknown:
+            raise HgkdError(f"{self.source}: teacher: {unknown_keys(unknown, TEACHER_KEYS)}")
+        given = self.teacher.get("checkpoint") or self.teacher.get("pretrain_mae")
+        if not given and self.teacher.get("random_init") is not True:
+            raise HgkdError(f"{self.source}: teacher: give 'checkpoint' (or 'pretrain_mae'); a randomly initialised "
+                            "teacher only with 'random_init: true'")
+        if given and self.teacher.get("random_init"):
+            raise HgkdError(f"{self.source}: teacher: 'random_init: true' contradicts 'checkpoint'/'pretrain_mae'")
 
     def _check_variant(self, variant: dict[str, Any]) -> None:
         where = f"{self.source}: variant {variant['name']}"
