@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..config import load_mapping
+from ..config import checked_values, load_mapping
 from ..errors import HgkdError
 
 SPARSE_BACKENDS = ("minkowski", "masked")
@@ -104,7 +104,7 @@ class DistillConfig:
         unknown = sorted(set(blob) - known)
         if unknown:
             raise HgkdError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**blob)
+        return cls(**checked_values(cls, blob, source))
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

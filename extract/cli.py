@@ -81,9 +81,35 @@ def verify(cache: str) -> None:
     report = verify_cache(cache)
     for line in report.problems:
         click.echo(f"problem: {line}", err=True)
+    if report.damaged:
+        click.echo(f"fix: run 'hgkd-extract repair {cache}', then re-run the 'hgkd-extract run' command that made it "
+                   f"(shards {', '.join(map(str, sorted(report.damaged)))} are extracted again)", err=True)
+    if report.unchecked:
+        click.echo(f"note: {', '.join(report.unchecked)} stored without crc32c (cache made before checksums on "
+                   "every array): damage there cannot be detected", err=True)
     click.echo(f"{cache}: {report.shards_checked} shards checked, {report.views_ok} views ok, "
                f"{report.views_skipped} skipped, {len(report.problems)} problems")
     sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.argument("cache")
+@user_errors
+def repair(cache: str) -> None:
+    """Clear damaged shards (and lost array metadata) so the next 'run' re-extracts exactly them."""
+    from .repair import repair_cache
+
+    report = repair_cache(cache)
+    if report.restored_arrays:
+        click.echo(f"{cache}: re-created the metadata of {', '.join(report.restored_arrays)}")
+    if report.busy:
+        click.echo(f"{cache}: shards {', '.join(map(str, report.busy))} are being written by another process; "
+                   "left alone", err=True)
+    if report.cleared:
+        click.echo(f"{cache}: cleared shards {', '.join(map(str, report.cleared))}; re-run the 'hgkd-extract run' "
+                   "command that made the cache to extract them again")
+    elif not report.changed:
+        click.echo(f"{cache}: nothing to repair")
 
 
 @main.command()
@@ -109,6 +135,10 @@ def info(cache: str, as_json: bool) -> None:
     click.echo(f"K history  {'; '.join(steps)}")
     click.echo(f"data       {fc.meta.dataset['kind']} {' '.join(fc.meta.dataset['spec'])} fingerprint={fc.meta.dataset['fingerprint'][:16]}")
     click.echo(f"storage    codec={st['codec']} compressor={st['compressor']}({st['clevel']}) shard_views={st['shard_views']}")
+    unchecked = fc.unchecked_arrays()
+    click.echo("checksums  crc32c on every array" if not unchecked else
+               f"checksums  none on {', '.join(unchecked)} (made before checksums on every array): verify cannot "
+               "detect damage there")
     click.echo(f"cost       {cost['teacher_forwards']} teacher forwards spent (views extracted), "
                f"{cost['bytes_stored'] / 2**20:.1f} MiB stored")
     if cost["bytes_per_view"]:

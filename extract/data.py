@@ -111,17 +111,29 @@ def _iter_folder(source: DataSource) -> Iterator[Sample]:
     for index, (rel, _) in enumerate(source.entries):
         parts = Path(rel).parts
         label = class_ids[parts[0]] if len(parts) > 1 else -1
-        yield Sample(index, str(Path(rel).with_suffix("")), (root / rel).read_bytes(), label)
+        yield Sample(index, text_key(str(Path(rel).with_suffix(""))), (root / rel).read_bytes(), label)
 
 
 def _iter_tars(source: DataSource, count_only: bool = False) -> Iterator[Sample]:
     shards = ({"url": url} for url, _ in source.entries)
     for index, sample in enumerate(tarfile_samples(shards, handler=_reraise_as_user_error)):
+        key = text_key(sample["__key__"])
         if count_only:  # data: b"" when the sample has an image member, else None
-            yield Sample(index, sample["__key__"], b"" if any(ext in sample for ext in IMAGE_EXTS) else None)
+            yield Sample(index, key, b"" if any(ext in sample for ext in IMAGE_EXTS) else None)
             continue
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-        yield Sample(index, sample["__key__"], image, _label_of(sample))
+        yield Sample(index, key, image, _label_of(sample))
+
+
+def text_key(key: str) -> str:
+    """A sample key as UTF-8 text (issue 11). A member name that is not UTF-8 reaches us with
+    surrogate escapes (tarfile, os); its undecodable bytes are kept as ``\\xNN``, so the key
+    still names the member's bytes and can be hashed and stored."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _label_of(sample: dict) -> int:
