@@ -57,12 +57,14 @@ def p6(rows: list[dict], epochs: float) -> dict:
     eligible = [r for r in same if r is not online and r["teacher_fwd"] <= budget]
     best = max(eligible, key=lambda r: r["mlp_top1"])
     best_any = max((r for r in same if r is not online), key=lambda r: r["mlp_top1"])
-    return {"value": best["mlp_top1"] / online["mlp_top1"], "goal": P6_RATIO, "met": best["mlp_top1"] >= P6_RATIO * online["mlp_top1"],
+    return {"value": best["mlp_top1"] / online["mlp_top1"], "goal": P6_RATIO,
+            "met": best["mlp_top1"] >= P6_RATIO * online["mlp_top1"],
             "epochs": epochs, "seeds": int(online.get("seeds") or 1), "online_mlp_top1": online["mlp_top1"],
             "online_teacher_fwd": online["teacher_fwd"], "best_cached": best["variant"],
             "best_cached_mlp_top1": best["mlp_top1"], "best_cached_teacher_fwd": best["teacher_fwd"],
             "teacher_fwd_ratio": best["teacher_fwd"] / online["teacher_fwd"],
-            "best_cached_any_cost": best_any["variant"], "best_cached_any_cost_ratio": best_any["mlp_top1"] / online["mlp_top1"]}
+            "best_cached_any_cost": best_any["variant"],
+            "best_cached_any_cost_ratio": best_any["mlp_top1"] / online["mlp_top1"]}
 
 
 def main() -> None:

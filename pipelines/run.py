@@ -265,8 +265,9 @@ def stage_distill(spec: PipelineSpec, variant: dict[str, Any], cache_url: str | 
     last = run_dir / "checkpoints" / LAST
     finished = last.exists() and load_checkpoint(last)["epoch"] >= cfg.epochs
     if not finished:
-        announce(f"distill {variant['name']}: {'resuming' if last.exists() else 'starting'} "
-                 f"({cfg.epochs} epochs, {'online teacher' if cfg.online_teacher else cfg.cache or 'classifier teacher'})")
+        source = "online teacher" if cfg.online_teacher else cfg.cache or "classifier teacher"
+        state = "resuming" if last.exists() else "starting"
+        announce(f"distill {variant['name']}: {state} ({cfg.epochs} epochs, {source})")
         Trainer(cfg, resume=last.exists()).fit()
     if not exported.exists() or exported.stat().st_mtime < last.stat().st_mtime:
         export_run(run_dir, exported)

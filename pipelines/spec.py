@@ -95,7 +95,8 @@ class PipelineSpec:
         if self.cache and self.caches:
             raise HgkdError(f"{self.source}: give either 'cache' or 'caches' (named caches), not both")
         if not all(isinstance(v, dict) for v in self.caches.values()):
-            raise HgkdError(f"{self.source}: 'caches' maps names to hgkd-extract options, e.g. masked: {{views_per_image: 8}}")
+            raise HgkdError(f"{self.source}: 'caches' maps names to hgkd-extract options, "
+                            "e.g. masked: {views_per_image: 8}")
         if self.heldout and not self.heldout.get("data"):
             raise HgkdError(f"{self.source}: 'heldout' needs 'data' (the held-out images of the fidelity cache)")
         for variant in self.variants:
