@@ -19,15 +19,22 @@ measured as medians of interleaved repeats on the same random batches:
 ``read_tokens`` decodes); "all" reads every array ``distill.data.CacheViewDataset`` reads.
 Scaling with loader workers (no goal, just the ratio): ``loader-1w-1t`` vs ``loader-2w-1t``
 (the cache read alone), and stage two's own loader - ``distill.data.CacheViewDataset`` in a
-DataLoader with 1 vs 2 workers - on a third int8ct cache whose rows are real views of the
-bundled demo photos, so each batch also reads and decodes the source images and re-renders
-the teacher's views, as in training.
+DataLoader with 1 vs 2 workers - on a third int8ct cache whose rows are real 224-px views of
+ImageNet-like JPEGs (``--photos`` synthetic photo-like images of about 500x375, quality 90, in
+webdataset tars; ``write_photo_shards``), so each batch also reads and decodes the source
+images and re-renders the teacher's views, as in training.
+P2c (issue 13): that loader's views/s with one worker, against the bare work in the same run -
+``bare-1t``: read the same files' bytes, PIL decode and resize the same crop boxes to 224 px
+(bicubic), one thread - and ``inproc-1t``: the dataset called in this process, one thread
+(the loader's ceiling without worker hand-over). Goals: >= 500 views/s per worker, and within
+1.5x of bare decode + resize.
 Writes ``benchmarks/results/reader.json`` with machine info, a ``goals`` and a ``scaling`` object.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
@@ -41,13 +48,14 @@ from typing import Callable
 
 import numpy as np
 import torch
+import webdataset as wds
 import zarr
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from zarr.core.sync import sync
 
 from hgkd.distill.data import CacheViewDataset
 from hgkd.extract.data import open_source
-from hgkd.extract.demo_data import write_demo_shards
 from hgkd.extract.views import ViewConfig, decode_image, sample_view
 from hgkd.storage.cache import STATUS_OK, FeatureCache
 from hgkd.storage.codecs import CodecSpec, encode_tokens
@@ -55,6 +63,7 @@ from hgkd.storage.metadata import CacheMeta
 from hgkd.storage.reader import ShardReader
 
 GOAL = 4000
+P2C_GOAL_VIEWS, P2C_GOAL_VS_BARE = 500, 1 / 1.5
 LOADER_NAMES = ["valid", "pooled", "mask", "crop", "flip", "index", "key"]  # besides the token arrays
 
 
@@ -96,9 +105,40 @@ def synthetic_layout(views: int, n_tok: int) -> Layout:
     return Layout({"views_per_image": 1}, {"kind": "synthetic"}, views, rows)
 
 
-def photo_layout(views: int, data_dir: Path) -> Layout:
-    """Rows that are real views (``sample_view``, 224 px) of the demo photos, K per photo."""
-    pattern = write_demo_shards(data_dir)
+def write_photo_shards(out_dir: Path, n_images: int, seed: int = 0, per_shard: int = 128) -> str:
+    """ImageNet-like JPEGs as webdataset tars: about 500x375 (some portrait or 500x333), quality
+    90, photo-like content (smooth colour fields, mid-frequency texture, edges, sensor noise),
+    ~85 KB each (ImageNet's training JPEGs average ~110 KB). Returns the brace pattern."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shards = -(-n_images // per_shard)
+    for shard in range(shards):
+        with wds.TarWriter(str(out_dir / f"photos-{shard:04d}.tar")) as sink:
+            for i in range(shard * per_shard, min(n_images, (shard + 1) * per_shard)):
+                w, h = [(500, 375), (375, 500), (500, 333)][int(rng.integers(0, 3))]
+                sink.write({"__key__": f"photo/{i:07d}", "jpg": _photo_jpeg(rng, w, h), "cls": str(i % 1000)})
+    return str(out_dir / f"photos-{{0000..{shards - 1:04d}}}.tar")
+
+
+def _photo_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+    def field(cells: tuple[int, int], scale: float) -> np.ndarray:
+        small = Image.fromarray(rng.integers(0, 256, (*cells, 3), dtype=np.uint8))
+        return np.asarray(small.resize((width, height), Image.BICUBIC), np.float32) * scale
+
+    pixels = field((4, 5), 0.7) + field((24, 32), 0.3) + field((96, 128), 0.15) - 40
+    for _ in range(int(rng.integers(3, 8))):  # objects: flat-shaded boxes with hard edges
+        top, left = int(rng.integers(0, height - 20)), int(rng.integers(0, width - 20))
+        pixels[top : top + int(rng.integers(20, height // 2)), left : left + int(rng.integers(20, width // 2))] += \
+            rng.normal(0, 50, 3)
+    pixels += rng.normal(0, 14, pixels.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def photo_layout(views: int, n_photos: int, data_dir: Path) -> Layout:
+    """Rows that are real views (``sample_view``, 224 px) of ``n_photos`` ImageNet-like photos, K each."""
+    pattern = write_photo_shards(data_dir, n_photos)
     source = open_source([pattern])
     samples = list(source)
     k_views = -(-views // len(samples))
@@ -258,27 +298,59 @@ def measure_codec(cache: FeatureCache, batches: list[np.ndarray], repeats: int) 
 
 
 def measure_cacheview(tmp: Path, args: argparse.Namespace, n_tok: int, dim: int) -> dict:
-    """Stage two's loader (``CacheViewDataset``) with 1 vs 2 DataLoader workers, interleaved repeats."""
-    layout = photo_layout(args.views, tmp / "photos")
+    """Stage two's loader (``CacheViewDataset``) with 1 vs 2 DataLoader workers, in this process
+    (one thread), and bare PIL decode + resize of the same files; interleaved repeats."""
+    layout = photo_layout(args.photo_views, args.photos, tmp / "photos")
     start = time.perf_counter()
     cache = build_cache(str(tmp / "photos.zarr"), "int8ct", layout, args.shard_views, n_tok, dim)
     built = time.perf_counter() - start
     ds = CacheViewDataset(cache.url, layout.data)
     rng = np.random.default_rng(1)
     batches = [rng.choice(ds.ok_rows, args.batch_size, replace=False).tolist() for _ in range(args.view_batches)]
-    runs: dict[str, list[float]] = {"loader-1w": [], "loader-2w": []}
-    cores: dict[str, list[float]] = {"loader-1w": [], "loader-2w": []}
+    crops = ds.reader.read(np.arange(cache.num_views), ["crop", "index"])
+    arms: dict[str, Callable[[], float]] = {
+        "bare-1t": lambda: one_thread(lambda: bare_decode_views_per_s(ds.source, crops, batches, ds.view_cfg.img_size)),
+        "inproc-1t": lambda: one_thread(lambda: views_per_s(ds.__getitem__, batches)),
+        "loader-1w": lambda: dataset_views_per_s(ds, batches, 1),
+        "loader-2w": lambda: dataset_views_per_s(ds, batches, 2),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in arms}
+    cores: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.repeats):
-        for workers in (1, 2):
+        for name, arm in arms.items():
             cpu, wall = cpu_seconds(), time.perf_counter()
-            runs[f"loader-{workers}w"].append(dataset_views_per_s(ds, batches, workers))
-            cores[f"loader-{workers}w"].append((cpu_seconds() - cpu) / (time.perf_counter() - wall))
+            runs[name].append(arm())
+            cores[name].append((cpu_seconds() - cpu) / (time.perf_counter() - wall))
+    jpeg_bytes = [len(ds.source.read(i)) for i in range(ds.num_samples)]
     return {"views": cache.num_views, "source_images": layout.dataset["num_samples"], "build_s": built,
-            "batches_per_measurement": len(batches),
+            "jpeg_kb_mean": float(np.mean(jpeg_bytes)) / 1024, "batches_per_measurement": len(batches),
             # CPU seconds of this process and its (joined) workers / wall, start-up included:
             # below the worker count, the cores were busy with other work
             "cpu_cores_used": {name: statistics.median(v) for name, v in cores.items()},
             "arms": {name: {"median": statistics.median(v), "runs": v} for name, v in runs.items()}}
+
+
+def one_thread(fn: Callable[[], float]) -> float:
+    """Run ``fn`` with one torch thread, as inside a DataLoader worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bare_decode_views_per_s(source, crops: dict[str, np.ndarray], batches: list[list[int]], size: int) -> float:
+    """The floor of a view: read the image bytes, PIL decode, resize the crop box to ``size``."""
+    start, n = time.perf_counter(), 0
+    for rows in batches:
+        for row in rows:
+            top, left, h, w = (int(v) for v in crops["crop"][row])
+            with Image.open(io.BytesIO(source.read(int(crops["index"][row])))) as img:
+                rgb = img if img.mode == "RGB" else img.convert("RGB")
+                np.asarray(rgb.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h)))
+            n += 1
+    return n / (time.perf_counter() - start)
 
 
 def cpu_seconds() -> float:
@@ -300,18 +372,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--codecs", default="int8ct,bf16")
     ap.add_argument("--view-batches", type=int, default=24, help="random batches per CacheViewDataset measurement")
+    ap.add_argument("--photos", type=int, default=512, help="ImageNet-like JPEGs behind the CacheViewDataset cache")
+    ap.add_argument("--photo-views", type=int, default=1024, help="views of those photos in that cache")
     ap.add_argument("--quick", action="store_true", help="small cache, 1 repeat: checks the script, not the goal")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "reader.json"))
+    ap.add_argument("--out", help="JSON to write (default benchmarks/results/reader.json; --quick writes only to --out)")
+    ap.add_argument("--skip-codecs", action="store_true", help="only the CacheViewDataset part (P2c and its scaling)")
     args = ap.parse_args()
     if args.quick:
         args.views, args.shard_views, args.batches, args.repeats, args.view_batches = 512, 128, 8, 1, 6
+        args.photos, args.photo_views = 64, 128
     n_tok, dim = 196, 1024
     rng = np.random.default_rng(0)
     batches = [np.sort(rng.choice(args.views, args.batch_size, replace=False)) for _ in range(args.batches)]
     batches = [rng.permutation(b) for b in batches]  # unsorted, as a shuffling sampler gives them
     results, load_before = {}, os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        for codec in args.codecs.split(","):
+        for codec in [] if args.skip_codecs else args.codecs.split(","):
             start = time.perf_counter()
             layout = synthetic_layout(args.views, n_tok)
             cache = build_cache(str(Path(tmp) / f"{codec}.zarr"), codec, layout, args.shard_views, n_tok, dim)
@@ -321,23 +397,30 @@ def main() -> None:
                               "build_s": built, "arms": arms}
             print_table(codec, arms)
         cacheview = measure_cacheview(Path(tmp), args, n_tok, dim)
-    main_codec = "int8ct" if "int8ct" in results else next(iter(results))
-    read_arms, view_arms = results[main_codec]["arms"], cacheview["arms"]
+    view_arms = cacheview["arms"]
     scaling = {
-        "cache_reader_loader_workers": scaling_row(
-            f"ShardReader (1 decode thread per worker) in a DataLoader, tokens + scale arrays of {main_codec}/lz4, "
-            "random batches of 64", read_arms["targets/loader-1w-1t"]["median"],
-            read_arms["targets/loader-2w-1t"]["median"]),
         "cacheview_loader_workers": {**scaling_row(
             "distill.data.CacheViewDataset in a DataLoader (cache rows + source image decode + view render), "
             "int8ct/lz4, random batches of 64", view_arms["loader-1w"]["median"], view_arms["loader-2w"]["median"]),
             **{k: v for k, v in cacheview.items() if k != "arms"}, "runs": {k: v["runs"] for k, v in view_arms.items()}},
     }
+    goals = p2c_goals(cacheview)
+    if results:
+        main_codec = "int8ct" if "int8ct" in results else next(iter(results))
+        read_arms = results[main_codec]["arms"]
+        scaling["cache_reader_loader_workers"] = scaling_row(
+            f"ShardReader (1 decode thread per worker) in a DataLoader, tokens + scale arrays of {main_codec}/lz4, "
+            "random batches of 64", read_arms["targets/loader-1w-1t"]["median"],
+            read_arms["targets/loader-2w-1t"]["median"])
+        value = read_arms["targets/reader-2t"]["median"]
+        others = {f"{codec}/{arm}": row["arms"][f"targets/{arm}"]["median"] for codec, row in results.items()
+                  for arm in ("reader-2t", "reader-2t-cold", "loader-2w-1t")}
+        goals = {"P2b_reader_random_batches_64": {
+            "value": value, "goal": GOAL, "met": value >= GOAL,
+            "measure": f"ShardReader, 2 threads, warm, tokens + scale arrays of {main_codec}/lz4, random batches of 64",
+            "other_arms": others}, **goals}
+        print(f"P2b goal: {value:,.0f} views/s (goal >= {GOAL:,})")
     print_scaling(scaling)
-    main_arms = results[main_codec]["arms"]
-    value = main_arms["targets/reader-2t"]["median"]
-    others = {f"{codec}/{arm}": row["arms"][f"targets/{arm}"]["median"] for codec, row in results.items()
-              for arm in ("reader-2t", "reader-2t-cold", "loader-2w-1t")}
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "zarr": zarr.__version__, "numpy": np.__version__,
@@ -345,16 +428,29 @@ def main() -> None:
                     "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
         "views": args.views, "shard_views": args.shard_views, "batch_size": args.batch_size,
         "batches_per_measurement": args.batches, "repeats": args.repeats, "tokens": [n_tok, dim],
-        "codecs": results, "scaling": scaling,
-        "goals": {"P2b_reader_random_batches_64": {
-            "value": value, "goal": GOAL, "met": value >= GOAL,
-            "measure": "ShardReader, 2 threads, warm, tokens + scale arrays of int8ct/lz4, random batches of 64",
-            "other_arms": others}},
+        "codecs": results, "scaling": scaling, "goals": goals,
     }
-    print(f"P2b goal: {value:,.0f} views/s (goal >= {GOAL:,})")
-    if not args.quick:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    for name, row in p2c_goals(cacheview).items():
+        print(f"{name}: {row['value']:,.3f} (goal >= {row['goal']:,.3f}) {'met' if row['met'] else 'NOT met'}")
+    out = args.out or (None if args.quick else str(Path(__file__).parent / "results" / "reader.json"))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+
+
+def p2c_goals(cacheview: dict) -> dict:
+    """P2c: CacheViewDataset views/s with one loader worker; and that over bare decode + resize."""
+    arms = {name: row["median"] for name, row in cacheview["arms"].items()}
+    per_worker, ratio = arms["loader-1w"], arms["loader-1w"] / arms["bare-1t"]
+    measure = (f"distill.data.CacheViewDataset, 1 DataLoader worker, 224-px views of ImageNet-like JPEGs "
+               f"(~500x375, {cacheview['jpeg_kb_mean']:.0f} KB mean), random batches")
+    return {
+        "P2c_cacheview_views_per_worker": {"value": per_worker, "goal": P2C_GOAL_VIEWS,
+                                           "met": per_worker >= P2C_GOAL_VIEWS, "measure": measure},
+        "P2c_cacheview_vs_bare_decode_resize": {
+            "value": ratio, "goal": P2C_GOAL_VS_BARE, "met": ratio >= P2C_GOAL_VS_BARE,
+            "measure": measure + " / bare PIL decode + bicubic resize of the same crops, 1 thread, same run",
+            "other_arms": arms}}
 
 
 def print_table(codec: str, arms: dict) -> None:
