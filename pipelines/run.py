@@ -135,7 +135,8 @@ def ensure_cache(cfg: ExtractConfig, what: str) -> str:
         report = verify_cache(url)
         if not report.ok:
             raise HgkdError(f"{what} {url} is complete but fails verify ({report.problems[0]}); "
-                            "delete it or point its 'out' elsewhere")
+                            f"run 'hgkd-extract repair {url}' and run the pipeline again (its damaged shards are "
+                            "extracted again), or point its 'out' elsewhere")
         announce(f"{what}: reusing verified {url}")
     else:
         announce(f"{what}: extracting {cfg.view.views_per_image} view(s) per image, "

@@ -73,3 +73,20 @@ def test_a_random_init_teacher_is_marked_in_the_results_table(tmp_path):
     assert (tmp_path / "results.md").read_text().startswith("## t [random-init teacher: no trained weights]")
     csv = (tmp_path / "results.csv").read_text()
     assert "distilled [random-init teacher]" in csv and csv.count("[random-init teacher]") == 2
+
+
+def test_a_pipeline_cache_that_fails_verify_is_repaired_as_the_message_says(photo_tars, tmp_path):
+    from hgkd.errors import HgkdError
+    from hgkd.extract.cli import main as extract_cli
+    from hgkd.storage.verify import verify_cache
+
+    spec = spec_from_dict(base_spec(tmp_path, photo_tars), source="p.yaml")
+    url = stage_cache(spec, None)
+    shard = Path(url) / "tokens" / "c" / "0" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[50] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(HgkdError, match=f"run 'hgkd-extract repair {url}' and run the pipeline again"):
+        stage_cache(spec, None)
+    assert invoke(extract_cli, ["repair", url]).returncode == 0
+    assert stage_cache(spec, None) == url and verify_cache(url).ok
