@@ -25,7 +25,7 @@ from ..distill.export_run import export_run
 from ..distill.methods import method_class
 from ..distill.teacher_train import TeacherConfig, accuracy, train_teacher
 from ..distill.train import Trainer
-from ..config import unknown_keys
+from ..config import checked_values, unknown_keys
 from ..errors import HgkdError
 from ..extract.data import open_source
 from ..extract.demo_data import write_digits_shards
@@ -110,11 +110,12 @@ def _extract_config(spec: PipelineSpec, options: dict[str, Any], data: list[str]
         "view", "codec", "data", "teacher", "checkpoint", "patch_size", "progress"}
     if set(options) - known:
         raise HgkdError(f"{spec.source}: {label}: {unknown_keys(set(options) - known, known)}")
-    rest = {k: v for k, v in opts.items() if k not in view_keys | codec_keys}
+    where = f"{spec.source}: {label}"
+    rest = checked_values(ExtractConfig, {k: v for k, v in opts.items() if k not in view_keys | codec_keys}, where)
     try:
-        view = ViewConfig(img_size=int(spec.teacher.get("img_size", 224)),
-                          **{k: v for k, v in opts.items() if k in view_keys and k != "img_size"})
-        codec = CodecSpec(**{k: v for k, v in opts.items() if k in codec_keys})
+        view = ViewConfig(img_size=int(spec.teacher.get("img_size", 224)), **checked_values(
+            ViewConfig, {k: v for k, v in opts.items() if k in view_keys and k != "img_size"}, where))
+        codec = CodecSpec(**checked_values(CodecSpec, {k: v for k, v in opts.items() if k in codec_keys}, where))
         return ExtractConfig(data=data, out=cache_url, teacher=spec.teacher["name"], checkpoint=checkpoint,
                              view=view, codec=codec, progress=True, **rest)
     except TypeError as err:

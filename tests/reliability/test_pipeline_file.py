@@ -46,7 +46,10 @@ def set_path(blob: dict, dotted: str, value) -> None:
     ({"distill.epoch": 2}, "variant hgkd: unknown keys ['epoch']"),
     ({"variants.0.unett": False}, "variant hgkd: unknown keys ['unett']"),
     ({"classifier_teacher.epoch": 2}, "bad 'classifier_teacher' option"),
-], ids=["teacher-misspelt", "teacher-no-weights", "cache", "distill", "variant", "classifier_teacher"])
+    ({"cache.shard_views": "many"}, "cache: shard_views: expected an integer, got 'many'"),
+    ({"distill.epochs": "one"}, "variant hgkd: epochs: expected an integer, got 'one'"),
+], ids=["teacher-misspelt", "teacher-no-weights", "cache", "distill", "variant", "classifier_teacher", "cache-type",
+        "distill-type"])
 def test_a_misspelt_key_anywhere_is_one_line_before_any_stage(photo_tars, tmp_path, edit, message):
     blob = base_spec(tmp_path, photo_tars)
     for dotted, value in edit.items():
