@@ -1,4 +1,4 @@
-"""``hgkd-extract``: stage one of H-GKD (teacher tokens -> Zarr cache), plus verify/info."""
+"""``hgkd-extract``: stage one of H-GKD (teacher tokens -> Zarr cache), plus verify/info/repair."""
 from __future__ import annotations
 
 import json
