@@ -331,6 +331,8 @@ def _fill_block(cache: FeatureCache, block: RowBlock, source: DataSource, cfg: E
             for _ in shard_samples:  # consume without decoding
                 pass
             continue
+        if cache.clear_shard(shard):  # files of a writer killed mid-shard: never write into a torn file
+            log.info("shard %d: removed the files an unfinished write left", shard)
         buffer = ShardBuffer(cache, shard)
         for prepared in _prefetched(pool, _batched(shard_samples, batch_samples), cfg.view, view_ids):
             extractor.rows_for(prepared, buffer, block)

@@ -164,3 +164,15 @@ def test_full_disk_while_creating_the_cache_is_one_line(photo_tars, tmp_path):
     assert_one_line_error(result, f"--out {out}: creating the cache failed")
     assert not FeatureCache.exists(str(out))
     assert run_cli(args).exit_code == 0 and verify_cache(str(out)).ok  # space back: the same command works
+
+
+def test_resume_over_a_torn_shard_file_rewrites_it(reference, photo_tars, tmp_path):
+    """A writer killed mid-shard leaves a torn file and no record: the re-run must not write into it."""
+    out = copy_of(reference, tmp_path)
+    shutil.rmtree(out / "shards" / "000001")
+    torn = out / "tokens" / "c" / "1" / "0" / "0"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 3])
+    again = invoke(extract_cli, extract_args(photo_tars, str(out), "--codec", "f32"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "wrote 8 views in 1 shards" in again.stdout and verify_cache(str(out)).ok
+    assert array_files(out) == array_files(reference)
