@@ -2,9 +2,9 @@
 
 Lost array metadata (a deleted ``zarr.json``) is re-created from the cache's settings; its
 chunk files are kept and checked like any other. Then every shard that ``verify`` finds
-damaged, and every unfinished shard that left files behind (a re-run would otherwise write
-into a torn shard file and fail its checksum), loses its completion record first and then
-its array files, under the same shard lock writers hold. The cache is marked incomplete;
+damaged, and every unfinished shard that left files behind (``run`` would remove those too),
+loses its completion record first and then its array files, under the same shard lock
+writers hold. The cache is marked incomplete;
 re-running the ``hgkd-extract run`` command that made it writes exactly those shards again,
 and the result equals an uninterrupted run (the views are deterministic).
 """
