@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Sampler
 from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from ..errors import HgkdError
-from ..extract.data import IMAGE_EXTS, LABEL_EXTS, DataSource, open_source
+from ..extract.data import IMAGE_EXTS, LABEL_EXTS, DataSource, open_source, text_key
 from ..extract.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
 from ..extract.views import student_mask as draw_student_mask
 from ..storage.cache import STATUS_OK, FeatureCache
@@ -43,7 +43,7 @@ class RandomAccessSource:
         if source.kind == "folder":
             root = Path(source.spec[0])
             self._locations = [(str(root / rel), 0, -1) for rel, _ in source.entries]
-            self.keys = [str(Path(rel).with_suffix("")) for rel, _ in source.entries]
+            self.keys = [text_key(str(Path(rel).with_suffix(""))) for rel, _ in source.entries]
             self.labels = _folder_labels([rel for rel, _ in source.entries])
         else:
             self._locations, self.keys, self.labels = self._index_tars(source)
@@ -71,7 +71,7 @@ class RandomAccessSource:
         for sample in group_by_keys(members()):
             image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
             locations.append(image if image is not None else ("", 0, 0))
-            keys.append(sample["__key__"])
+            keys.append(text_key(sample["__key__"]))
             labels.append(_parse_label(next((sample[ext] for ext in LABEL_EXTS if ext in sample), None)))
         return locations, keys, labels
 

@@ -51,8 +51,6 @@ def test_non_utf8_member_names_are_extracted_with_their_bytes_kept(latin1_cache)
     assert "img/caf\\xe9".encode().decode("unicode_escape").encode("latin-1") == RAW_NAME  # the bytes come back
 
 
-@pytest.mark.xfail(strict=True, raises=(UnicodeEncodeError, Exception),
-                   reason="distill/data.py indexes tar keys itself; it needs hgkd.extract.data.text_key too")
 def test_non_utf8_member_names_are_trained_on_from_the_cache_and_online(latin1_tar, latin1_cache, tmp_path):
     Trainer(DistillConfig(cache=latin1_cache, data=[latin1_tar], out=str(tmp_path / "run"), **TINY)).fit()
     Trainer(DistillConfig(online_teacher=TINY_TEACHER, img_size=64, data=[latin1_tar], out=str(tmp_path / "online"),
