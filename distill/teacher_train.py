@@ -19,6 +19,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
+from ..devices import resolve_device
 from ..errors import HgkdError
 from ..extract.views import ViewConfig
 from .classifier import ClassifierNet, save_classifier
@@ -83,7 +84,6 @@ def accuracy(net: ClassifierNet, data: list[str], batch_size: int = 128) -> floa
 
 def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
     """Train, save to ``cfg.out`` and return {'train_loss', 'test_top1' (when test data is given)}."""
-    from .train import resolve_device  # the trainer's device rules
     from .train import make_dir
 
     out = Path(cfg.out)
@@ -91,7 +91,7 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
         raise HgkdError(f"--out {out} already exists; choose a new file (teachers are not overwritten)")
     make_dir(out.parent, "--out")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, per_rank=True)
     views = ViewConfig(img_size=cfg.img_size, mask_ratio=0.0, seed=cfg.seed, views_per_image=cfg.epochs,
                        scale=tuple(cfg.crop_scale))
     dataset = OnlineViewDataset(cfg.data, views, labelled=True)

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..devices import resolve_device
 from ..errors import HgkdError
 from ..storage.metadata import teacher_identity
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -62,16 +63,6 @@ def init_distributed(device: torch.device) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HgkdError(f"--device {name}: CUDA is not available; use --device cpu")
-    return torch.device(name)
 
 
 def build_student(cfg: DistillConfig, embed_dim: int, patch_size: int) -> HgkdStudent:
@@ -109,7 +100,7 @@ class Trainer:
     def __init__(self, cfg: DistillConfig, resume: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, per_rank=True)
         self.dist = init_distributed(self.device)
         torch.manual_seed(cfg.seed)
         self.supervised = method_class(cfg.method).supervised

@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from ..devices import resolve_device
 from ..errors import HgkdError
 
 log = logging.getLogger(__name__)
@@ -26,18 +27,6 @@ log = logging.getLogger(__name__)
 SCRATCH = "scratch:"
 ENCODER_PREFIX = "encoder.body."
 RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; a CUDA device on a machine without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HgkdError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise HgkdError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
 
 
 def create_backbone(arch: str, seed: int = 0) -> nn.Module:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..devices import resolve_device
 from ..errors import HgkdError
 from ..storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache, RowBlock
 from ..storage.codecs import CodecSpec, encode_tokens
@@ -78,14 +79,6 @@ class ExtractReport:
     teacher_seconds: float  # wall time inside the teacher forward (device synchronised)
     complete: bool
     grown_from: int | None = None  # views per image before this run grew the cache (issue 12)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HgkdError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(name)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,25 @@
+"""Device choice for every stage: ``--device auto|cpu|cuda|cuda:N`` -> ``torch.device``."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import HgkdError
+
+
+def resolve_device(name: str = "auto", *, per_rank: bool = False) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; a CUDA device on a machine without one is a user error.
+
+    ``per_rank``: ``auto`` picks ``cuda:$LOCAL_RANK`` (torchrun; 0 when unset) instead of plain ``cuda``.
+    """
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if per_rank else torch.device("cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HgkdError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise HgkdError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
