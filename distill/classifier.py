@@ -22,6 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from ..errors import HgkdError
+from ..pixels import normalize_uint8, pixel_stats
 from ..extract.teachers import TEACHERS, create_teacher
 from .methods.base import NetDims
 from .methods.hsakd import make_branches
@@ -98,8 +99,9 @@ class ClassifierNet(nn.Module):
         self.head = nn.Linear(self.dims.embed_dim, num_classes)
         self.branches = make_branches(self.dims.stage_channels, num_classes) if branches else None
         # uint8-range normalisation constants; not persistent, so saved files hold weights only
-        self.register_buffer("pixel_mean", torch.tensor(self.mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(self.std).view(1, 3, 1, 1) * 255, persistent=False)
+        pixel_mean, pixel_std = pixel_stats(self.mean, self.std)
+        self.register_buffer("pixel_mean", pixel_mean, persistent=False)
+        self.register_buffer("pixel_std", pixel_std, persistent=False)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -111,7 +113,7 @@ class ClassifierNet(nn.Module):
 
     def normalise(self, images_bchw: Tensor) -> Tensor:
         """uint8-valued images -> the input this net expects (its encoder's mean/std)."""
-        return (images_bchw.float() - self.pixel_mean) / self.pixel_std
+        return normalize_uint8(images_bchw, self.pixel_mean, self.pixel_std)
 
     def forward_outputs(self, images_bchw: Tensor, visible_bhw: Tensor | None = None) -> NetOutputs:
         stages, embedding_bd = self.encoder(images_bchw)

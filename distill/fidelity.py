@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import HgkdError
+from ..pixels import normalize_uint8, pixel_stats
 from ..storage.cache import FeatureCache
 from ..storage.metadata import teacher_identity
 from .checkpoint import LAST, load_checkpoint
@@ -53,13 +53,12 @@ def fidelity(run_dir: Path, cache_url: str, data: list[str], batch_size: int = 6
         raise HgkdError(f"--cache {cache_url}: its teacher ({meta['name']}, dim {meta['embed_dim']}) is not the one "
                         f"{run_dir} was trained on") from None
     model.eval()
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
+    mean, std = pixel_stats()
     rows = dataset.ok_rows[:max_views]
     cos_sum, n_tokens, err_sum, ref_sum = 0.0, 0, 0.0, 0.0
     for start in range(0, len(rows), batch_size):
         batch = dataset[rows[start : start + batch_size].tolist()]
-        out = model((batch.images.float() - mean) / std, batch.visible).float()
+        out = model(normalize_uint8(batch.images, mean, std), batch.visible).float()
         valid = batch.valid
         cos_sum += torch.nn.functional.cosine_similarity(out[valid], batch.tokens[valid], dim=-1).sum().item()
         n_tokens += int(valid.sum())

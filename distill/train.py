@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from ..devices import resolve_device
 from ..errors import HgkdError
+from ..pixels import normalize_uint8, pixel_stats
 from ..storage.metadata import teacher_identity
 from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .classifier import ClassifierNet
@@ -125,8 +125,7 @@ class Trainer:
         self.ddp = (DistributedDataParallel(self.step_module, device_ids=[self.device.index]
                                             if self.device.type == "cuda" else None)
                     if self.dist.world_size > 1 else self.step_module)
-        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_DEFAULT_STD, device=self.device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = pixel_stats(device=self.device)
         self.epoch, self.next_batch, self.global_step = 0, 0, 0
         self._loader: DataLoader | None = None
         cost = RunCost(method=cfg.method, targets=self.targets.kind, cache=cfg.cache or None, views=self.targets.views,
@@ -210,7 +209,7 @@ class Trainer:
         """The method's loss terms on one batch (H-GKD: queue updated first, as in the paper)."""
         images, labels = self.method.prepare(batch.images, batch.labels)
         teacher = self.targets.outputs(batch, images) if self.method.teacher_needs else NetOutputs()
-        x = (images.float() - self.mean) / self.std
+        x = normalize_uint8(images, self.mean, self.std)
         visible = None if self.supervised else batch.visible
         return self.ddp(x, visible, teacher, labels, batch.indices)
 

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import HgkdError
+from ..pixels import normalize_unit
 from ..extract.data import open_source
 from ..extract.views import ViewConfig, decode_image, sample_crop, view_rng
 
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 CROP_PCT = 0.875  # timm/torchvision ImageNet eval: resize 256, center crop 224
 MIN_SCALE = 0.08  # RandomResizedCrop's ImageNet default (Inception); small low-res sets may want 0.3-0.5
 BICUBIC = InterpolationMode.BICUBIC
-_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
 
 @dataclass
@@ -113,7 +111,7 @@ class ImageDataset(Dataset):
 
 def normalize(image_u8: Tensor) -> Tensor:
     """uint8 (..., 3, H, W) -> float, ImageNet mean/std."""
-    return (image_u8.float() / 255.0 - _MEAN) / _STD
+    return normalize_unit(image_u8)
 
 
 def eval_resize(image_u8: Tensor, size: int) -> Tensor:

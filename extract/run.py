@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..devices import resolve_device
 from ..errors import HgkdError
+from ..pixels import normalize_uint8, pixel_stats
 from ..storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache, RowBlock
 from ..storage.codecs import CodecSpec, encode_tokens
 from ..storage.locks import ShardLock, creation_lock
@@ -203,9 +204,8 @@ def teacher_targets(teacher: Teacher, views_vchw: torch.Tensor, mask_vn: torch.T
     Shared by extraction and ``hgkd-distill --online-teacher`` so both give the same targets.
     """
     device = next(teacher.parameters()).device
-    mean = torch.tensor(teacher.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(teacher.std, device=device).view(1, 3, 1, 1) * 255
-    x = (views_vchw.to(device, non_blocking=True).float() - mean) / std
+    mean, std = pixel_stats(teacher.mean, teacher.std, device)
+    x = normalize_uint8(views_vchw.to(device, non_blocking=True), mean, std)
     mask = None if full_view else mask_vn.to(device)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         tokens, valid = teacher.forward_masked(x, mask)

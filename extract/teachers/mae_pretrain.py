@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ...pixels import normalize_uint8, pixel_stats
 from .base import TEACHERS, Teacher
 from .layers import sincos_pos_embed_2d
 
@@ -83,8 +84,7 @@ def pretrain_mae(teacher_name: str, images_bchw: Tensor, out: Path, epochs: int 
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     steps = epochs * -(-len(images_bchw) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    mean = torch.tensor(teacher.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(teacher.std).view(1, 3, 1, 1) * 255
+    mean, std = pixel_stats(teacher.mean, teacher.std)
     teacher.train()
     bar = tqdm(range(epochs), desc="MAE pre-training", leave=False)
     for _ in bar:
@@ -94,7 +94,7 @@ def pretrain_mae(teacher_name: str, images_bchw: Tensor, out: Path, epochs: int 
             flip = torch.rand(len(batch), generator=generator) < 0.5
             batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
             mask = random_masks(len(batch), teacher.num_patches, mask_ratio, generator)
-            loss = mae_loss(teacher, decoder, (batch - mean) / std, mask)
+            loss = mae_loss(teacher, decoder, normalize_uint8(batch, mean, std), mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
