@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 
 import pytest
 import timm
@@ -175,6 +176,17 @@ def test_bf16_autocast_train_step_tracks_float32(backend, device):
         assert b16.dtype == b32.dtype and torch.isfinite(b16.float()).all(), bname
         assert_close_rel(b16.double(), b32.double(), 0.05, bname)
     assert all(torch.isfinite(p.grad).all() for p in enc16.parameters())
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("HGKD_TEST_COMPILE") != "1",
+                                                 reason="torch.compile takes ~60 s on 2 CPU cores; HGKD_TEST_COMPILE=1 runs it")),
+    pytest.param("cuda", marks=needs_cuda)])
+def test_compiled_masked_batch_norm_equals_eager(device):
+    """``compile_bn=True`` (torch.compile of the fused BatchNorm) changes no value, float64."""
+    reference, twin = twins("resnet18", torch.float64, "masked", reference="masked")
+    twin.compile_bn = True
+    assert_same_train_step(reference, twin, VISIBLE_16PX, device)
 
 
 @pytest.mark.parametrize("backend", TORCH_SPARSE)

@@ -41,7 +41,9 @@ class SparseResNetEncoder(nn.Module):
     (strides 4, 8, 16, 32) as ``(feat_bchw, active_bhw)``, features exactly zero at inactive sites.
     """
 
-    def __init__(self, name: str, backend: str = "minkowski", **kwargs: Any) -> None:
+    def __init__(self, name: str, backend: str = "minkowski", compile_bn: bool = False, **kwargs: Any) -> None:
+        """``compile_bn``: the masked backend's fused BatchNorm runs through ``torch.compile``
+        (optional, CPU and CUDA; the first forward compiles); ``kwargs`` go to timm."""
         super().__init__()
         if backend not in BACKENDS:
             raise HgkdError(f"unknown sparse backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -49,6 +51,7 @@ class SparseResNetEncoder(nn.Module):
             import_minkowski()  # fail at construction, with the user-facing message
         self.arch = name
         self.backend = backend
+        self.compile_bn = compile_bn
         self.body = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
         if backend != "dense":
             check_sparse_supported(self.body)
@@ -61,7 +64,8 @@ class SparseResNetEncoder(nn.Module):
         visible_pix_bhw = upsample_visible(visible_bhw.to(images_bchw.device), tuple(images_bchw.shape[-2:]))
         if self.backend == "dense":
             return self._forward_dense(images_bchw * visible_pix_bhw[:, None])
-        ops, x = _OPS[self.backend].from_pixels(images_bchw, visible_pix_bhw)
+        options = {"compiled": self.compile_bn} if self.backend == "masked" else {}
+        ops, x = _OPS[self.backend].from_pixels(images_bchw, visible_pix_bhw, **options)
         return run_resnet(self.body, ops, x)
 
     def _forward_dense(self, images_bchw: Tensor) -> list[StageOutput]:

@@ -15,7 +15,9 @@ and max-pooling over active sites only. Issue 13 made it cheap without changing 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +64,15 @@ class MaskedMap:
 class MaskedOps:
     """SparK-style masked dense compute over the levels of one forward pass."""
 
-    def __init__(self, active_pix_b1hw: Tensor) -> None:
+    def __init__(self, active_pix_b1hw: Tensor, compiled: bool = False) -> None:
         self._levels = {1: MaskLevel.of(active_pix_b1hw)}
+        self.kernels = compiled_kernels() if compiled else EAGER
 
     @classmethod
-    def from_pixels(cls, images_bchw: Tensor, visible_pix_bhw: Tensor) -> tuple[MaskedOps, MaskedMap]:
-        ops = cls(visible_pix_bhw[:, None])
+    def from_pixels(cls, images_bchw: Tensor, visible_pix_bhw: Tensor,
+                    compiled: bool = False) -> tuple[MaskedOps, MaskedMap]:
+        """``compiled``: run the fused BatchNorm through ``torch.compile`` (optional; CPU and CUDA)."""
+        ops = cls(visible_pix_bhw[:, None], compiled)
         level = ops._levels[1]
         return ops, MaskedMap(images_bchw * level.weight(images_bchw.dtype), level, 1)
 
@@ -93,7 +98,7 @@ class MaskedOps:
             out_bchw = F.batch_norm(self._clean(x), running_mean, running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
             return MaskedMap(out_bchw * mask_b1hw, x.level, x.stride)
         out_bchw, mean_c, var_c = MaskedBatchNorm.apply(x.feat_bchw, mask_b1hw, x.level.count, bn.weight, bn.bias,
-                                                        bn.eps, x.clean)
+                                                        bn.eps, x.clean, self.kernels)
         if running_mean is not None:
             n = x.level.count.to(var_c.dtype)
             with torch.no_grad():
@@ -132,10 +137,55 @@ def _c11(values_c: Tensor, dtype: torch.dtype) -> Tensor:
     return values_c.to(dtype)[:, None, None]
 
 
+def batch_norm_forward(x_bchw: Tensor, mask_b1hw: Tensor, count: Tensor, weight: Tensor | None,
+                       bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out_bchw, mean_c, var_c, invstd_c)``: BN over the active sites of ``x_bchw`` (zero
+    elsewhere), output masked."""
+    mean_c, var_c = active_moments(x_bchw, count)
+    stat_dtype = mean_c.dtype
+    # eval-mode batch_norm with the active-site statistics: one native pass for the affine
+    out_bchw = F.batch_norm(x_bchw, mean_c, var_c, _as(weight, stat_dtype), _as(bias, stat_dtype), False, 0.0, eps)
+    return out_bchw.mul_(mask_b1hw), mean_c, var_c, torch.rsqrt(var_c + eps)
+
+
+def batch_norm_backward(grad_bchw: Tensor, x_bchw: Tensor, mask_b1hw: Tensor, count: Tensor, mean_c: Tensor,
+                        invstd_c: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x_bchw, grad_weight_c, grad_bias_c)`` of :func:`batch_norm_forward` (stats in float32/64)."""
+    n = count.to(mean_c.dtype)
+    g_bchw = grad_bchw * mask_b1hw
+    # sum(g) and sum(g * xhat) per channel in one native pass (g is zero off the active sites)
+    _, dot_c, sum_g_c = torch.ops.aten.native_batch_norm_backward(
+        g_bchw, x_bchw, _as(weight, mean_c.dtype), None, None, mean_c, invstd_c, True, eps, [False, True, True])
+    dot_c, sum_g_c = dot_c.to(mean_c.dtype), sum_g_c.to(mean_c.dtype)
+    a_c = invstd_c if weight is None else invstd_c * weight
+    b_c = -a_c * invstd_c * dot_c / n
+    c_c = -a_c * sum_g_c / n - b_c * mean_c
+    grad_x = torch.addcmul(_c11(c_c, g_bchw.dtype), g_bchw, _c11(a_c, g_bchw.dtype))
+    return grad_x.addcmul_(x_bchw, _c11(b_c, g_bchw.dtype)).mul_(mask_b1hw), dot_c, sum_g_c
+
+
+class BatchNormKernels(NamedTuple):
+    """The two halves of :class:`MaskedBatchNorm`, eager or ``torch.compile``-d."""
+
+    forward: Callable[..., tuple[Tensor, ...]]
+    backward: Callable[..., tuple[Tensor, ...]]
+
+
+EAGER = BatchNormKernels(batch_norm_forward, batch_norm_backward)
+
+
+@functools.cache
+def compiled_kernels() -> BatchNormKernels:
+    """``torch.compile`` of both halves (one fused loop each for the mask, sums and affine; shapes
+    dynamic, so one compilation serves every layer). CPU: C++/OpenMP; CUDA: Triton."""
+    return BatchNormKernels(torch.compile(batch_norm_forward, dynamic=True),
+                            torch.compile(batch_norm_backward, dynamic=True))
+
+
 class MaskedBatchNorm(torch.autograd.Function):
     """Training-mode BatchNorm over active sites, output zero at inactive sites.
 
-    ``apply(feat_bchw, mask_b1hw, count, weight, bias, eps, clean) -> (out_bchw, mean_c, var_c)``;
+    ``apply(feat_bchw, mask_b1hw, count, weight, bias, eps, clean, kernels) -> (out_bchw, mean_c, var_c)``;
     ``clean=False`` masks ``feat_bchw`` first (a k>1 conv output). Backward (``n`` active sites,
     ``g`` the masked output gradient, ``xhat`` the normalised input):
     ``dx = w * invstd * (g - sum(g) / n - xhat * sum(g * xhat) / n)`` at active sites, zero elsewhere.
@@ -143,35 +193,32 @@ class MaskedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feat_bchw: Tensor, mask_b1hw: Tensor, count: Tensor, weight: Tensor | None,
-                bias: Tensor | None, eps: float, clean: bool) -> tuple[Tensor, Tensor, Tensor]:
-        x_bchw = feat_bchw if clean else feat_bchw * mask_b1hw
-        mean_c, var_c = active_moments(x_bchw, count)
-        stat_dtype = x_bchw.dtype if x_bchw.dtype == torch.float64 else torch.float32
-        # eval-mode batch_norm with the active-site statistics: one native pass for the affine
-        out_bchw = F.batch_norm(x_bchw, mean_c, var_c, _as(weight, stat_dtype), _as(bias, stat_dtype), False, 0.0, eps)
-        out_bchw.mul_(mask_b1hw)
-        ctx.eps = eps
-        ctx.save_for_backward(x_bchw, mask_b1hw, count, mean_c, torch.rsqrt(var_c + eps), weight)
+                bias: Tensor | None, eps: float, clean: bool,
+                kernels: BatchNormKernels = EAGER) -> tuple[Tensor, Tensor, Tensor]:
+        x_bchw = (feat_bchw if clean else feat_bchw * mask_b1hw).detach()  # one compiled variant, not two
+        out_bchw, mean_c, var_c, invstd_c = kernels.forward(x_bchw, mask_b1hw, count, _detached(weight),
+                                                            _detached(bias), eps)
+        ctx.eps, ctx.kernels = eps, kernels
+        ctx.save_for_backward(x_bchw, mask_b1hw, count, mean_c, invstd_c, weight)
         ctx.mark_non_differentiable(mean_c, var_c)
         return out_bchw, mean_c, var_c
 
     @staticmethod
     def backward(ctx, grad_bchw: Tensor, _grad_mean: Tensor, _grad_var: Tensor) -> tuple[Tensor | None, ...]:
         x_bchw, mask_b1hw, count, mean_c, invstd_c, weight = ctx.saved_tensors
-        n = count.to(mean_c.dtype)
-        g_bchw = grad_bchw * mask_b1hw
-        # sum(g) and sum(g * xhat) per channel in one native pass (g is zero off the active sites)
-        _, dot_c, sum_g_c = torch.ops.aten.native_batch_norm_backward(
-            g_bchw, x_bchw, _as(weight, mean_c.dtype), None, None, mean_c, invstd_c, True, ctx.eps, [False, True, True])
-        dot_c, sum_g_c = dot_c.to(mean_c.dtype), sum_g_c.to(mean_c.dtype)
-        a_c = invstd_c if weight is None else invstd_c * weight
-        b_c = -a_c * invstd_c * dot_c / n
-        c_c = -a_c * sum_g_c / n - b_c * mean_c
-        grad_x = torch.addcmul(_c11(c_c, g_bchw.dtype), g_bchw, _c11(a_c, g_bchw.dtype))
-        grad_x = grad_x.addcmul_(x_bchw, _c11(b_c, g_bchw.dtype)).mul_(mask_b1hw)
+        grad_x, dot_c, sum_g_c = ctx.kernels.backward(grad_bchw.contiguous(memory_format=_format_of(x_bchw)), x_bchw,
+                                                      mask_b1hw, count, mean_c, invstd_c, _detached(weight), ctx.eps)
         grad_weight = dot_c.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
         grad_bias = sum_g_c.to(bias_dtype(weight, grad_bchw)) if ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_weight, grad_bias, None, None
+        return grad_x, None, None, grad_weight, grad_bias, None, None, None
+
+
+def _format_of(x_bchw: Tensor) -> torch.memory_format:
+    return torch.channels_last if x_bchw.is_contiguous(memory_format=torch.channels_last) and \
+        not x_bchw.is_contiguous() else torch.contiguous_format
+
+def _detached(param_c: Tensor | None) -> Tensor | None:
+    return None if param_c is None else param_c.detach()
 
 
 def _as(param_c: Tensor | None, dtype: torch.dtype) -> Tensor | None:
