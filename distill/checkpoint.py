@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import HgkdError
-
-LAST = "last.pt"
+from ..run_layout import LAST, checkpoint_dir  # LAST: re-exported for callers of this module
 
 
 def rng_state() -> dict[str, Any]:
@@ -31,7 +30,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, payload: dict[str, Any], name: str = LAST) -> Path:
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = checkpoint_dir(run_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / f".{name}.tmp"
     torch.save(payload, tmp)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import HgkdError
 from ..pixels import normalize_uint8, pixel_stats
+from ..run_layout import last_checkpoint
 from ..extract.teachers import TEACHERS, create_teacher
 from .methods.base import NetDims
 from .methods.hsakd import make_branches
@@ -157,10 +158,10 @@ def load_classifier(path: str | os.PathLike) -> tuple[ClassifierNet, dict[str, A
 def load_run_classifier(run_dir: Path, img_size: int) -> ClassifierNet:
     """The classifier student of a supervised-baseline run (its last checkpoint), in eval mode;
     ``img_size`` is the teacher's (the student trained on the same views)."""
-    from .checkpoint import LAST, load_checkpoint
+    from .checkpoint import load_checkpoint
     from .config import DistillConfig
 
-    ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / LAST)
+    ckpt = load_checkpoint(last_checkpoint(run_dir))
     cfg = DistillConfig.from_dict(ckpt["config"], source=str(run_dir))
     if "head.weight" not in ckpt["model"]:
         raise HgkdError(f"{run_dir}: not a supervised-baseline run (no classifier head)")

@@ -30,8 +30,9 @@ from tqdm import tqdm
 from ..devices import resolve_device
 from ..errors import HgkdError
 from ..pixels import normalize_uint8, pixel_stats
+from ..run_layout import last_checkpoint
 from ..storage.metadata import teacher_identity
-from .checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .classifier import ClassifierNet
 from .config import DistillConfig
 from .cost import CostLedger, RunCost
@@ -132,8 +133,8 @@ class Trainer:
                        student_mask=cfg.student_mask, cache_bytes_per_view=self.targets.bytes_per_view)
         self.ledger = CostLedger(cost, cache_rows=self.targets.cache_rows)
         if resume:
-            self._restore(load_checkpoint(self.run_dir / "checkpoints" / LAST))
-        elif (self.run_dir / "checkpoints" / LAST).exists():
+            self._restore(load_checkpoint(last_checkpoint(self.run_dir)))
+        elif last_checkpoint(self.run_dir).exists():
             raise HgkdError(f"--out {self.run_dir} already holds a run; continue it with --resume or use a new --out")
         else:
             self._prefill_queue()

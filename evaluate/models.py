@@ -21,12 +21,11 @@ from torch import Tensor, nn
 
 from ..devices import resolve_device
 from ..errors import HgkdError
+from ..run_layout import BACKBONE_PREFIX, RUN_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
 SCRATCH = "scratch:"
-ENCODER_PREFIX = "encoder.body."
-RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
 def create_backbone(arch: str, seed: int = 0) -> nn.Module:
@@ -106,8 +105,8 @@ def _read_run_checkpoint(file: Path) -> tuple[dict[str, Tensor], str | None]:
                         "give an exported .safetensors or a run directory") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise HgkdError(f"--model {file}: not a distillation checkpoint (no 'model' state dict)")
-    state = {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["model"].items() if k.startswith(ENCODER_PREFIX)}
+    state = {k[len(BACKBONE_PREFIX):]: v for k, v in ckpt["model"].items() if k.startswith(BACKBONE_PREFIX)}
     if not state:
-        raise HgkdError(f"--model {file}: checkpoint holds no student encoder weights ({ENCODER_PREFIX}*)")
+        raise HgkdError(f"--model {file}: checkpoint holds no student encoder weights ({BACKBONE_PREFIX}*)")
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     return state, config.get("student")

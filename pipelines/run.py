@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from ..distill.checkpoint import LAST, load_checkpoint
+from ..distill.checkpoint import load_checkpoint
 from ..distill.classifier import load_classifier, load_run_classifier
 from ..distill.config import DistillConfig
 from ..distill.export_run import export_run
@@ -32,6 +32,7 @@ from ..extract.demo_data import write_digits_shards
 from ..extract.run import ExtractConfig, run_extract
 from ..extract.teachers.mae_pretrain import pretrain_mae
 from ..extract.views import ViewConfig, decode_image
+from ..run_layout import last_checkpoint
 from ..storage.cache import FeatureCache
 from ..storage.codecs import CodecSpec
 from ..storage.verify import verify_cache
@@ -264,7 +265,7 @@ def stage_distill(spec: PipelineSpec, variant: dict[str, Any], cache_url: str | 
     cfg = distill_config(spec, variant, cache_url, classifier, checkpoint)
     run_dir = Path(cfg.out)
     exported = run_dir / "student.safetensors"
-    last = run_dir / "checkpoints" / LAST
+    last = last_checkpoint(run_dir)
     finished = last.exists() and load_checkpoint(last)["epoch"] >= cfg.epochs
     if not finished:
         source = "online teacher" if cfg.online_teacher else cfg.cache or "classifier teacher"
@@ -308,7 +309,7 @@ def run_costs(spec: PipelineSpec, variant: dict[str, Any], url: str | None) -> d
     ``cache_gb``: the stored bytes of the cache it used, scaled to the views per image it used
     (online: 0); ``epochs`` = image passes."""
     run_dir = spec.out_dir / "runs" / variant["name"]
-    cfg = DistillConfig.from_dict(load_checkpoint(run_dir / "checkpoints" / LAST)["config"])
+    cfg = DistillConfig.from_dict(load_checkpoint(last_checkpoint(run_dir))["config"])
     cost_file = run_dir / "cost.json"
     cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
     row: dict[str, float] = {"epochs": float(cfg.epochs)}
