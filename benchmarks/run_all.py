@@ -31,12 +31,11 @@ def main() -> None:
             failed.append(name)
     results = {name: json.loads(path.read_text()) for name in (*SCRIPTS, "gpu")
                if (path := HERE / "results" / f"{name}.json").exists()}
-    print(f"\n{'goal':<52}{'value':>14}{'goal':>10}  met")
+    print(f"\n{'goal':<52}{'value':>14}{'goal':>14}  met")
     for name, result in results.items():
         where = f" ({result.get('gpu')})" if name == "gpu" else ""  # gpu.json: device_check.sh, not run here
         for goal, row in result.get("goals", {}).items():
-            bound = "<=" if row.get("better") == "lower" else ">="
-            print(f"{goal + where:<52}{row['value']:>14,.3f}{bound:>4}{row['goal']:>6,}  {'yes' if row['met'] else 'NO'}")
+            print(f"{goal + where:<52}{row['value']:>14,.3f}{bound(row):>4}{row['goal']:>10,}  {'yes' if row['met'] else 'NO'}")
     print(f"\n{'scaling, views/s':<40}{'1':>10}{'2':>10}{'ratio':>8}")
     for result in results.values():
         for name, row in result.get("scaling", {}).items():
@@ -44,6 +43,14 @@ def main() -> None:
             print(f"{name:<40}{one:>10,.1f}{two:>10,.1f}{row['ratio_2_vs_1']:>8.3f}")
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
+
+
+def bound(row: dict) -> str:
+    """``<=`` or ``>=``: a goal's ``better`` field, else what its ``met`` says."""
+    if "better" in row:
+        return "<=" if row["better"] == "lower" else ">="
+    below, above = row["value"] <= row["goal"], row["value"] >= row["goal"]
+    return "<=" if below == row["met"] and above != row["met"] else ">="
 
 
 if __name__ == "__main__":
