@@ -9,9 +9,11 @@ and max-pooling over active sites only. Issue 13 made it cheap without changing 
   bias), so its output needs no mask; a k>1 conv output is masked inside the BatchNorm that
   follows it, not by a separate multiply;
 - BatchNorm over active sites is one autograd function (:class:`MaskedBatchNorm`): mean and
-  variance from one pass of sums (``sum x``, ``sum x^2``, accumulated in float32 or float64),
-  mask, normalisation and affine in two in-place passes, and a hand-written backward
-  (the BN gradient over the ``n`` active sites only).
+  variance from one pass of sums (``sum x``, ``sum x^2``, accumulated in float32 or float64;
+  ``E[x^2] - E[x]^2`` loses digits only when ``|mean| >> std``, which the float32 tests bound),
+  normalisation and affine in one native pass, the mask in place, and a hand-written backward
+  (the BN gradient over the ``n`` active sites only);
+- optionally (``compile_bn``) both halves run through ``torch.compile`` as fused loops.
 """
 from __future__ import annotations
 
@@ -216,6 +218,7 @@ class MaskedBatchNorm(torch.autograd.Function):
 def _format_of(x_bchw: Tensor) -> torch.memory_format:
     return torch.channels_last if x_bchw.is_contiguous(memory_format=torch.channels_last) and \
         not x_bchw.is_contiguous() else torch.contiguous_format
+
 
 def _detached(param_c: Tensor | None) -> Tensor | None:
     return None if param_c is None else param_c.detach()
