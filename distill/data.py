@@ -217,7 +217,7 @@ class CacheViewDataset(Dataset):
     def reader(self) -> ShardReader:
         """Direct shard reader (cached shard indexes, Zarr's codecs): thousands of views/s."""
         if self._reader is None:
-            self._reader = self.cache.reader(threads=1)
+            self._reader = ShardReader(self.cache, threads=1)
         return self._reader
 
     def __getstate__(self) -> dict:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,8 +29,9 @@ from ..errors import HgkdError
 from ..pixels import normalize_uint8, pixel_stats
 from ..storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache, RowBlock
 from ..storage.codecs import CodecSpec, encode_tokens
-from ..storage.locks import ShardLock, creation_lock
+from ..storage.locks import creation_lock
 from ..storage.metadata import SKIP_NO_IMAGE, SKIP_UNDECODABLE, CacheMeta
+from ..storage.shards import claim_shard, completion_record
 from ..version import __version__
 from .data import DataSource, Sample, open_source
 from .teachers.base import Teacher, create_teacher, sha256_file
@@ -319,7 +319,7 @@ def _fill_block(cache: FeatureCache, block: RowBlock, source: DataSource, cfg: E
     written = []
     for shard in range(shards.start, todo[-1] + 1):
         shard_samples = islice(samples, samples_per_shard)
-        lock = _claim(cache, shard, cfg, done)
+        lock = claim_shard(cache, shard, cfg.rank, cfg.world_size, done)
         if lock is False:
             for _ in shard_samples:  # consume without decoding
                 pass
@@ -330,7 +330,8 @@ def _fill_block(cache: FeatureCache, block: RowBlock, source: DataSource, cfg: E
         for prepared in _prefetched(pool, _batched(shard_samples, batch_samples), cfg.view, view_ids):
             extractor.rows_for(prepared, buffer, block)
             bar.update(len(prepared) * block.views_per_sample)
-        writer.submit(buffer, _record(buffer, cache), lock or None)
+        record = completion_record(cache, shard, buffer.rows, buffer.arrays["status"], buffer.skipped)
+        writer.submit(buffer, record, lock or None)
         written.append(shard)
     return written
 
@@ -357,33 +358,3 @@ def _prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[Sample]], view_
         pending = futures
     if pending is not None:
         yield [f.result() for f in pending]
-
-
-def _claim(cache: FeatureCache, shard: int, cfg: ExtractConfig, done_at_start: set[int]) -> ShardLock | None | bool:
-    """The shard's lock if this process should write it, None if no lock is needed, else False.
-
-    ``done_at_start`` is listed once per run; a shard finished since then is caught by its
-    own completion record, so the record folder is never re-listed per shard.
-    """
-    if shard % cfg.world_size != cfg.rank or shard in done_at_start:
-        return False
-    if cache.local_dir is None:  # remote store: disjoint --rank/--world-size shard sets keep writers apart
-        return None if cache.shard_record(shard) is None else False
-    lock = ShardLock(cache.local_dir, shard)
-    if not lock.try_acquire():
-        log.info("shard %d is being written by another process; skipping it", shard)
-        return False
-    if cache.shard_record(shard) is not None:  # finished while we were looking
-        lock.release()
-        return False
-    return lock
-
-
-def _record(buffer: ShardBuffer, cache: FeatureCache) -> dict[str, Any]:
-    n_skipped = int((buffer.arrays["status"] == STATUS_SKIPPED).sum())
-    return {
-        "shard": buffer.shard, "rows": [buffer.rows.start, buffer.rows.stop],
-        "num_ok": len(buffer.rows) - n_skipped, "num_skipped": n_skipped, "skipped": buffer.skipped,
-        "settings": cache.meta.fingerprint(), "writer": f"{socket.gethostname()}:{os.getpid()}",
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }

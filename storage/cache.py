@@ -77,7 +77,7 @@ class RowBlock:
 
 
 @dataclass(frozen=True)
-class ArraySpec:
+class ViewArray:
     """One per-view array: shape after the view axis and dtype."""
 
     row_shape: tuple[int, ...]
@@ -85,26 +85,26 @@ class ArraySpec:
     sharded: bool = False  # inner chunk of one view inside shards (large arrays)
 
 
-def view_arrays(meta: CacheMeta) -> dict[str, ArraySpec]:
+def view_arrays(meta: CacheMeta) -> dict[str, ViewArray]:
     """Every per-view array of a cache with these settings."""
     st = meta.storage
     n_tok, dim = st["num_tokens"], st["dim"]
     codec = CodecSpec(st["codec"], st["compressor"], st["clevel"])
-    arrays = {"tokens": ArraySpec((n_tok, dim), codec.token_dtype, sharded=True)}
+    arrays = {"tokens": ViewArray((n_tok, dim), codec.token_dtype, sharded=True)}
     for name, (shape, dtype) in codec.aux_arrays(n_tok, dim).items():
-        arrays[name] = ArraySpec(shape, dtype)
+        arrays[name] = ViewArray(shape, dtype)
     arrays.update(
-        pooled=ArraySpec((dim,), "float16"),  # mean of valid tokens, L2-normalised
-        mask=ArraySpec((n_tok,), "bool"),  # True = patch hidden from the view
-        valid=ArraySpec((n_tok,), "bool"),  # True = teacher produced this token
-        key=ArraySpec((), str),  # sample key in the source data set
-        index=ArraySpec((), "int64"),  # sample position in the source data set
-        view_index=ArraySpec((), "int32"),  # k of the K views of that sample
-        src_hw=ArraySpec((2,), "int32"),  # decoded source image height, width
-        crop=ArraySpec((4,), "int32"),  # top, left, height, width in source pixels
-        flip=ArraySpec((), "bool"),  # horizontal flip after the crop
-        label=ArraySpec((), "int32"),  # class id when the source has one, else -1
-        status=ArraySpec((), "uint8"),  # 0 missing/padding, 1 ok, 2 skipped (no image or undecodable)
+        pooled=ViewArray((dim,), "float16"),  # mean of valid tokens, L2-normalised
+        mask=ViewArray((n_tok,), "bool"),  # True = patch hidden from the view
+        valid=ViewArray((n_tok,), "bool"),  # True = teacher produced this token
+        key=ViewArray((), str),  # sample key in the source data set
+        index=ViewArray((), "int64"),  # sample position in the source data set
+        view_index=ViewArray((), "int32"),  # k of the K views of that sample
+        src_hw=ViewArray((2,), "int32"),  # decoded source image height, width
+        crop=ViewArray((4,), "int32"),  # top, left, height, width in source pixels
+        flip=ViewArray((), "bool"),  # horizontal flip after the crop
+        label=ViewArray((), "int32"),  # class id when the source has one, else -1
+        status=ViewArray((), "uint8"),  # 0 missing/padding, 1 ok, 2 skipped (no image or undecodable)
     )
     return arrays
 
@@ -372,16 +372,6 @@ class FeatureCache:
         idx = np.asarray(list(rows), dtype=np.int64)
         wanted = list(names) if names is not None else list(self.arrays)
         return {name: self.group[name].get_orthogonal_selection((idx,)) for name in wanted}
-
-    def reader(self, threads: int = 2):
-        """A :class:`~hgkd.storage.reader.ShardReader` on this cache (fast path for complete shards).
-
-        ``read`` goes through zarr-python (tens of views/s for ViT-sized rows); training and
-        anything reading many rows should use this instead.
-        """
-        from .reader import ShardReader  # reader builds on this module
-
-        return ShardReader(self, threads=threads)
 
     def read_tokens(self, rows: Iterable[int]) -> torch.Tensor:
         """Decoded float32 teacher tokens (B, N, C) for the given rows."""
