@@ -8,11 +8,13 @@ Measured choices are in ``shared/notes/cache-storage.md`` and ``benchmarks/extra
   token: same size as ``int8t`` (~188 KB/view), robust to outlier channels.
 
 Encoding runs in torch on whatever device the tokens are on (numpy conversions are the slow
-path); decoding returns numpy float32 or a torch tensor.
+path); decoding returns numpy float32 or a torch tensor. A new codec is one ``TokenCodec``
+entry in ``CODECS`` (and its name in ``hgkd.registry.TOKEN_CODEC_NAMES``, checked by a test).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,7 +26,65 @@ from ..errors import HgkdError
 _INT8_MAX = 127.0
 _EPS = 1e-12
 
-TOKEN_CODECS = ("f32", "f16", "bf16", "int8t", "int8ct")
+AuxArrays = dict[str, tuple[tuple[int, ...], str]]
+
+
+@dataclass(frozen=True)
+class TokenCodec:
+    """One way of storing tokens: the stored dtype, side arrays, and the encode/decode pair."""
+
+    name: str
+    token_dtype: str
+    encode: Callable[[torch.Tensor], dict[str, np.ndarray]]  # float32 (B, N, C) -> stored arrays
+    decode: Callable[[dict[str, np.ndarray]], torch.Tensor]  # stored arrays -> float32 (B, N, C), CPU
+    aux_arrays: Callable[[int, int], AuxArrays] = lambda num_tokens, dim: {}  # (N, C) -> side arrays
+
+
+def _as_tensor(stored: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(stored))
+
+
+def _encode_int8(x: torch.Tensor, per_channel: bool) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    if per_channel:
+        channel_scale = x.abs().amax(dim=1, keepdim=True).clamp_min(_EPS).half()
+        x = x / channel_scale.float()
+        out["channel_scale"] = channel_scale.squeeze(1).cpu().numpy()
+    token_scale = x.abs().amax(dim=2, keepdim=True).clamp_min(_EPS)
+    q = torch.round(x / token_scale * _INT8_MAX).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    out["tokens"] = q.cpu().numpy()
+    out["token_scale"] = token_scale.squeeze(2).cpu().numpy()
+    return out
+
+
+def _decode_int8(arrays: dict[str, np.ndarray], per_channel: bool) -> torch.Tensor:
+    x = _as_tensor(arrays["tokens"]).float()  # a new tensor: scale it in place
+    x.mul_((torch.from_numpy(arrays["token_scale"]).float() / _INT8_MAX).unsqueeze(-1))
+    if per_channel:
+        x.mul_(torch.from_numpy(arrays["channel_scale"]).float().unsqueeze(1))
+    return x
+
+
+def _bf16_encode(x: torch.Tensor) -> dict[str, np.ndarray]:
+    return {"tokens": x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}
+
+
+def _bf16_decode(arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arrays["tokens"]).view(np.int16)).view(torch.bfloat16).float()
+
+
+# The codec registry: a new codec is one entry (hgkd.registry.TOKEN_CODEC_NAMES lists the names for --help).
+CODECS: dict[str, TokenCodec] = {c.name: c for c in (
+    TokenCodec("f32", "float32", lambda x: {"tokens": x.cpu().numpy()}, lambda a: _as_tensor(a["tokens"]).float()),
+    TokenCodec("f16", "float16", lambda x: {"tokens": x.half().cpu().numpy()},
+               lambda a: _as_tensor(a["tokens"]).float()),
+    TokenCodec("bf16", "uint16", _bf16_encode, _bf16_decode),
+    TokenCodec("int8t", "int8", lambda x: _encode_int8(x, False), lambda a: _decode_int8(a, False),
+               lambda n, c: {"token_scale": ((n,), "float32")}),
+    TokenCodec("int8ct", "int8", lambda x: _encode_int8(x, True), lambda a: _decode_int8(a, True),
+               lambda n, c: {"token_scale": ((n,), "float32"), "channel_scale": ((c,), "float16")}),
+)}
+TOKEN_CODECS = tuple(CODECS)
 COMPRESSORS = ("lz4", "zstd", "none")
 
 
@@ -45,16 +105,16 @@ class CodecSpec:
             )
 
     @property
-    def token_dtype(self) -> str:
-        return {"f32": "float32", "f16": "float16", "bf16": "uint16"}.get(self.codec, "int8")
+    def token_codec(self) -> TokenCodec:
+        return CODECS[self.codec]
 
-    def aux_arrays(self, num_tokens: int, dim: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    @property
+    def token_dtype(self) -> str:
+        return self.token_codec.token_dtype
+
+    def aux_arrays(self, num_tokens: int, dim: int) -> AuxArrays:
         """Per-view side arrays the codec needs: name -> (shape without N, dtype)."""
-        if self.codec == "int8t":
-            return {"token_scale": ((num_tokens,), "float32")}
-        if self.codec == "int8ct":
-            return {"token_scale": ((num_tokens,), "float32"), "channel_scale": ((dim,), "float16")}
-        return {}
+        return self.token_codec.aux_arrays(num_tokens, dim)
 
     def compressors(self, typesize: int) -> list[BytesBytesCodec]:
         """numcodecs-backed compressor chain for one chunk, ending in a crc32c checksum."""
@@ -70,36 +130,9 @@ class CodecSpec:
 
 def encode_tokens(tokens_bnc: torch.Tensor, spec: CodecSpec) -> dict[str, np.ndarray]:
     """Encode float tokens (B, N, C) into the stored arrays (``tokens`` + side arrays)."""
-    x = tokens_bnc.detach().float()
-    if spec.codec == "f32":
-        return {"tokens": x.cpu().numpy()}
-    if spec.codec == "f16":
-        return {"tokens": x.half().cpu().numpy()}
-    if spec.codec == "bf16":
-        bits = x.to(torch.bfloat16).view(torch.int16).cpu().numpy()
-        return {"tokens": bits.view(np.uint16)}
-    out: dict[str, np.ndarray] = {}
-    if spec.codec == "int8ct":
-        channel_scale = x.abs().amax(dim=1, keepdim=True).clamp_min(_EPS).half()
-        x = x / channel_scale.float()
-        out["channel_scale"] = channel_scale.squeeze(1).cpu().numpy()
-    token_scale = x.abs().amax(dim=2, keepdim=True).clamp_min(_EPS)
-    q = torch.round(x / token_scale * _INT8_MAX).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-    out["tokens"] = q.cpu().numpy()
-    out["token_scale"] = token_scale.squeeze(2).cpu().numpy()
-    return out
+    return spec.token_codec.encode(tokens_bnc.detach().float())
 
 
 def decode_tokens(arrays: dict[str, np.ndarray], spec: CodecSpec) -> torch.Tensor:
     """Inverse of :func:`encode_tokens`: float32 tokens (B, N, C) as a CPU tensor."""
-    stored = arrays["tokens"]
-    if spec.codec in ("f32", "f16"):
-        return torch.from_numpy(np.ascontiguousarray(stored)).float()
-    if spec.codec == "bf16":
-        bits = torch.from_numpy(np.ascontiguousarray(stored).view(np.int16))
-        return bits.view(torch.bfloat16).float()
-    x = torch.from_numpy(np.ascontiguousarray(stored)).float()  # a new tensor: scale it in place
-    x.mul_((torch.from_numpy(arrays["token_scale"]).float() / _INT8_MAX).unsqueeze(-1))
-    if spec.codec == "int8ct":
-        x.mul_(torch.from_numpy(arrays["channel_scale"]).float().unsqueeze(1))
-    return x
+    return spec.token_codec.decode(arrays)
