@@ -18,8 +18,7 @@ log = logging.getLogger(__name__)
 TASKS = ("knn", "linear", "mlp", "finetune")
 _PROBE = {"epochs", "lr", "weight_decay", "probe_batch_size"}
 OPTIONS = {"knn": {"k", "temperature"}, "linear": _PROBE, "mlp": _PROBE | {"hidden"},
-           "finetune": {"epochs", "lr", "weight_decay", "hidden", "min_scale", "layer_decay", "head_epochs",
-                        "warmup_epochs"}}
+           "finetune": {"epochs", "lr", "weight_decay", "hidden", "min_scale"}}
 
 
 def run_task(task: str, model: str | nn.Module, train: str | list[str] | LabelledSet,
@@ -30,10 +29,9 @@ def run_task(task: str, model: str | nn.Module, train: str | list[str] | Labelle
 
     ``task``: ``knn`` (options k, temperature), ``linear`` / ``mlp`` (the probe's head; options
     epochs, lr, weight_decay, probe_batch_size, and hidden for mlp) or ``finetune`` (epochs, lr,
-    weight_decay, hidden, min_scale, layer_decay, head_epochs, warmup_epochs; ``batch_size`` is its
-    batch). ``batch_size`` is otherwise the feature-extraction batch. ``train``/``test`` are data
-    specs or already loaded sets; without a test set, a stratified ``test_fraction`` of ``train`` is
-    held out. Returns the JSON record
+    weight_decay, hidden, min_scale; ``batch_size`` is its batch). ``batch_size`` is otherwise the
+    feature-extraction batch. ``train``/``test`` are data specs or already loaded sets; without a
+    test set, a stratified ``test_fraction`` of ``train`` is held out. Returns the JSON record
     {task, model, top1, top5, n_train, n_test, n_classes, ...} (accuracies in percent).
     """
     if task not in TASKS:
