@@ -107,8 +107,9 @@ def _extract_config(spec: PipelineSpec, options: dict[str, Any], data: list[str]
     opts = {k: v for k, v in options.items() if k != "out"}
     view_keys = {f.name for f in fields(ViewConfig)}
     codec_keys = {f.name for f in fields(CodecSpec)}
-    known = (view_keys | codec_keys | {f.name for f in fields(ExtractConfig)} | {"out"}) - {
-        "view", "codec", "data", "teacher", "checkpoint", "patch_size", "progress"}
+    extract_keys = {f.name for f in fields(ExtractConfig)} - {"view", "codec", "data", "teacher", "checkpoint",
+                                                              "progress"}
+    known = (view_keys - {"patch_size"}) | codec_keys | extract_keys | {"out"}  # CodecSpec.codec is a key
     if set(options) - known:
         raise HgkdError(f"{spec.source}: {label}: {unknown_keys(set(options) - known, known)}")
     where = f"{spec.source}: {label}"

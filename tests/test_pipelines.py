@@ -12,7 +12,7 @@ import pytest
 from hgkd.errors import HgkdError
 from hgkd.extract.demo_data import write_digits_shards
 from hgkd.pipelines.report import aggregate, markdown_table, set_title, write_report
-from hgkd.pipelines.run import run_pipeline
+from hgkd.pipelines.run import run_pipeline, validate_stages
 from hgkd.pipelines.spec import load_spec, spec_from_dict
 
 
@@ -59,6 +59,7 @@ def test_table5_pipeline_file_has_the_seven_rows():
                         "wo_similarity": (True, True, False), "only_similarity": (False, False, True),
                         "only_sparse": (True, False, False), "only_unet": (False, True, False)}
     assert spec.teacher["checkpoint"] == "/x.pth" and all("seed" in v for v in spec.variants)
+    validate_stages(spec)  # every section's options build (cache codec included)
 
 
 @pytest.mark.parametrize("text, message", [("name: [unclosed\n", "invalid YAML"),
@@ -178,3 +179,4 @@ def test_views_budget_pipeline_file_is_the_issue_12_frontier():
         assert all(v.get("student_mask") == "fresh" for k, v in rows.items() if k.startswith("full"))
     assert spec.caches["full"]["teacher_view"] == "full" and spec.caches["masked"]["views_per_image"] == 8
     assert spec.data == ["builtin:digits-train"] and spec.heldout["data"] == ["builtin:digits-test"]
+    validate_stages(spec)
