@@ -73,3 +73,18 @@ def corrupt_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, format="JPEG")
     return buf.getvalue()[:60]  # truncated: header only
+
+
+def kill_extract_when(args: list[str], marker: Path, timeout_s: float = 120) -> None:
+    """Run ``hgkd-extract`` with ``args`` in a child process and kill -9 it as soon as
+    ``marker`` (e.g. a shard's completion record) exists: a crash in the middle of a run."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "hgkd.extract.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not marker.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

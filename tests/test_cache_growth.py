@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +17,7 @@ import zarr
 from hgkd.storage.cache import ATTR, STATUS_MISSING, STATUS_OK, FeatureCache
 from hgkd.storage.verify import verify_cache
 
-from conftest import corrupt_jpeg, extract_args, run_cli, write_tars
+from conftest import corrupt_jpeg, extract_args, kill_extract_when, run_cli, write_tars
 
 PER_VIEW = ["tokens", "pooled", "valid", "mask", "crop", "flip", "src_hw", "label", "status"]
 
@@ -108,13 +104,7 @@ def test_interrupted_growth_resumes_to_the_same_cache(photo_tars, tmp_path):
     out = tmp_path / "grown.zarr"
     assert run_cli(grow_args(photo_tars, str(out), 2, "--shard-views", "4")).exit_code == 0  # shards 0-5
     args = grow_args(photo_tars, str(out), 4, "--shard-views", "4")
-    proc = subprocess.Popen([sys.executable, "-m", "hgkd.extract.cli", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "shards" / "000007").exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_extract_when(args, out / "shards" / "000007")
     partial = FeatureCache.open(str(out))
     assert set(range(6)) < partial.completed_shards() < set(range(12)), "kill must land mid-growth"
     assert not partial.is_complete() and not verify_cache(str(out)).ok

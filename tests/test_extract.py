@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,8 @@ from hgkd.storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache
 from hgkd.storage.locks import ShardLock
 from hgkd.storage.verify import verify_cache
 
-from conftest import IMG, TINY_TEACHER, corrupt_jpeg, extract_args, run_cli, run_cli_subprocess, write_tars
+from conftest import (IMG, TINY_TEACHER, corrupt_jpeg, extract_args, kill_extract_when, run_cli, run_cli_subprocess,
+                      write_tars)
 
 ARRAYS = ["tokens", "pooled", "mask", "valid", "key", "index", "view_index", "src_hw", "crop", "flip", "label", "status"]
 
@@ -145,13 +144,7 @@ def test_resume_after_kill_9_equals_uninterrupted_run(photo_tars, tmp_path):
     assert run_cli(extract_args(photo_tars, reference, "--shard-views", "4")).exit_code == 0
     resumed = tmp_path / "resumed.zarr"
     args = extract_args(photo_tars, str(resumed), "--shard-views", "4")
-    proc = subprocess.Popen([sys.executable, "-m", "hgkd.extract.cli", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (resumed / "shards" / "000001").exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_extract_when(args, resumed / "shards" / "000001")
     partial = FeatureCache.open(str(resumed))
     assert 0 < len(partial.completed_shards()) < partial.num_shards, "kill must land mid-run"
     assert not partial.is_complete() and not verify_cache(str(resumed)).ok
