@@ -151,7 +151,7 @@ sys.path.insert(0, "benchmarks")
 from reader import write_photo_shards
 from hgkd.extract.run import ExtractConfig, autocast_dtype, run_extract, teacher_targets
 from hgkd.extract.teachers import create_teacher
-from hgkd.extract.views import ViewConfig, sample_mask, view_rng
+from hgkd.data.views import ViewConfig, sample_mask, view_rng
 
 dev = torch.device(os.environ["DEV"])
 img, batch, photos = int(os.environ["VIT_IMG"]), int(os.environ["VIT_BATCH"]), int(os.environ["VIT_PHOTOS"])

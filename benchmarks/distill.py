@@ -52,7 +52,7 @@ from hgkd.distill.students.minkowski import MinkowskiOps  # noqa: E402
 from hgkd.distill.students.sparse_ops import run_resnet, upsample_visible  # noqa: E402
 from hgkd.distill.train import Trainer  # noqa: E402
 from hgkd.extract.run import ExtractConfig, autocast_dtype, resolve_device, run_extract  # noqa: E402
-from hgkd.extract.views import ViewConfig, sample_mask, view_rng  # noqa: E402
+from hgkd.data.views import ViewConfig, sample_mask, view_rng  # noqa: E402
 
 MASK_RATIO = 0.6
 P4_MASKED_GOAL, P4_BEST_GOAL, P4_STRETCH, P2_GOAL, P5_GOAL = 1.05, 1.0, 0.7, 0.95, 0.05

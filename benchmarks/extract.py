@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import zarr
 
-from hgkd.extract.data import open_source
-from hgkd.extract.demo_data import write_demo_shards, write_digits_shards
+from hgkd.data.sources import open_source
+from hgkd.data.demo_data import write_demo_shards, write_digits_shards
 from hgkd.extract.run import ExtractConfig, Extractor, load_teacher, prepare_sample, resolve_device, run_extract
 from hgkd.extract.teachers.mae_pretrain import pretrain_mae
-from hgkd.extract.views import ViewConfig, decode_image
+from hgkd.data.views import ViewConfig, decode_image
 from hgkd.storage.cache import FeatureCache
 from hgkd.storage.codecs import TOKEN_CODECS, CodecSpec, decode_tokens, encode_tokens
 

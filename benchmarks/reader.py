@@ -55,8 +55,8 @@ from torch.utils.data import DataLoader, Dataset
 from zarr.core.sync import sync
 
 from hgkd.distill.data import CacheViewDataset
-from hgkd.extract.data import open_source
-from hgkd.extract.views import ViewConfig, decode_image, sample_view
+from hgkd.data.sources import open_source
+from hgkd.data.views import ViewConfig, decode_image, sample_view
 from hgkd.storage.cache import STATUS_OK, FeatureCache
 from hgkd.storage.codecs import CodecSpec, encode_tokens
 from hgkd.storage.metadata import CacheMeta

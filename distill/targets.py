@@ -20,7 +20,7 @@ from ..errors import HgkdError
 
 from ..extract.run import ExtractConfig, teacher_targets
 from ..extract.teachers import create_teacher, sha256_file
-from ..extract.views import ViewConfig
+from ..data.views import ViewConfig
 from ..storage.cache import FeatureCache
 from .classifier import load_classifier
 from .config import DistillConfig

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..devices import resolve_device
 from ..errors import HgkdError
-from ..extract.views import ViewConfig
+from ..data.views import ViewConfig
 from .classifier import ClassifierNet, save_classifier
 from .data import OnlineViewDataset, ViewCycleSampler, whole_batch
 from .methods.hsakd import joint_labels, rotate_batch, unrotated

@@ -1,8 +1,8 @@
 """Labelled image sets for evaluation, held in memory as uint8 tensors.
 
-Sources are read with ``hgkd.extract.data.open_source`` (webdataset tars whose samples carry a
+Sources are read with ``hgkd.data.sources.open_source`` (webdataset tars whose samples carry a
 ``cls`` member, or an ImageFolder ``root/class/img.jpg``) and decoded with
-``hgkd.extract.views.decode_image``. Samples without a label (-1) or with an undecodable image
+``hgkd.data.views.decode_image``. Samples without a label (-1) or with an undecodable image
 are skipped and counted.
 
 Each image is stored once, resized (shorter side) to ``round(img_size / crop_pct)`` and
@@ -35,8 +35,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..errors import HgkdError
 from ..pixels import normalize_unit
-from ..extract.data import open_source
-from ..extract.views import ViewConfig, decode_image, sample_crop, view_rng
+from ..data.sources import open_source
+from ..data.views import ViewConfig, decode_image, sample_crop, view_rng
 
 log = logging.getLogger(__name__)
 

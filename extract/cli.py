@@ -50,7 +50,7 @@ def run(**opts) -> None:
     """Extract teacher tokens into a cache; re-run the same command to resume."""
     from ..storage.codecs import CodecSpec
     from .run import ExtractConfig, run_extract
-    from .views import ViewConfig
+    from ..data.views import ViewConfig
 
     view = ViewConfig(
         img_size=opts["img_size"], mask_ratio=opts["mask_ratio"], mask_granularity=int(opts["mask_granularity"]),
@@ -162,7 +162,7 @@ def demo(out: str, teacher: str) -> None:
     from pathlib import Path
 
     from ..storage.verify import verify_cache
-    from .demo_data import write_demo_shards
+    from ..data.demo_data import write_demo_shards
 
     pattern = write_demo_shards(Path(out) / "data")
     cache = str(Path(out) / "cache.zarr")

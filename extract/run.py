@@ -33,9 +33,9 @@ from ..storage.locks import creation_lock
 from ..storage.metadata import SKIP_NO_IMAGE, SKIP_UNDECODABLE, CacheMeta
 from ..storage.shards import claim_shard, completion_record
 from ..version import __version__
-from .data import DataSource, Sample, open_source
+from ..data.sources import DataSource, Sample, open_source
 from .teachers.base import Teacher, create_teacher, sha256_file
-from .views import ViewConfig, ViewParams, decode_image, render_view, sample_view
+from ..data.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
 from .writer import BackgroundWriter, ShardBuffer
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..extract.demo_data import write_digits_shards
+from ..data.demo_data import write_digits_shards
 from .spec import PipelineSpec, spec_from_dict
 
 

@@ -27,11 +27,11 @@ from ..distill.teacher_train import TeacherConfig, accuracy, train_teacher
 from ..distill.train import Trainer
 from ..config import checked_values, unknown_keys
 from ..errors import HgkdError
-from ..extract.data import open_source
-from ..extract.demo_data import write_digits_shards
+from ..data.sources import open_source
+from ..data.demo_data import write_digits_shards
 from ..extract.run import ExtractConfig, run_extract
 from ..extract.teachers.mae_pretrain import pretrain_mae
-from ..extract.views import ViewConfig, decode_image
+from ..data.views import ViewConfig, decode_image
 from ..run_layout import last_checkpoint
 from ..storage.cache import FeatureCache
 from ..storage.codecs import CodecSpec

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from hgkd.extract.cli import main as extract_cli
-from hgkd.extract.demo_data import SKIMAGE_IMAGES, _jpeg, _load
+from hgkd.data.demo_data import SKIMAGE_IMAGES, _jpeg, _load
 
 TINY_TEACHER = "mae_vit_tiny_patch16"
 IMG = 64  # 4x4 patch grid keeps the suite fast

@@ -17,10 +17,10 @@ from hgkd.distill.checkpoint import LAST, load_checkpoint
 from hgkd.distill.classifier import load_classifier
 from hgkd.distill.cli import main as distill_cli
 from hgkd.distill.config import DistillConfig
-from hgkd.distill.data import RandomAccessSource
+from hgkd.data.random_access import RandomAccessSource
 from hgkd.distill.train import Trainer
-from hgkd.extract.data import open_source
-from hgkd.extract.demo_data import write_digits_shards
+from hgkd.data.sources import open_source
+from hgkd.data.demo_data import write_digits_shards
 from hgkd.pipelines.run import run_pipeline
 from hgkd.pipelines.spec import spec_from_dict
 

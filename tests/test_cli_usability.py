@@ -20,7 +20,7 @@ from hgkd.distill.config import DistillConfig
 from hgkd.errors import HgkdError
 from hgkd.evaluate.cli import main as evaluate_cli
 from hgkd.extract.cli import main as extract_cli
-from hgkd.extract.data import open_source
+from hgkd.data.sources import open_source
 from hgkd.pipelines.cli import main as pipeline_cli
 
 from conftest import extract_args

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hgkd.extract.views import ViewConfig, decode_image, render_view, sample_view
+from hgkd.data.views import ViewConfig, decode_image, render_view, sample_view
 
 
 def photo(height: int, width: int, gray: bool = False, seed: int = 0) -> np.ndarray:

@@ -26,7 +26,7 @@ from hgkd.evaluate import (extract_features, finetune, knn_eval, linear_probe, l
 from hgkd.evaluate.cli import main as evaluate_cli
 from hgkd.evaluate.data import align_classes
 from hgkd.evaluate.probe import class_index, knn_votes
-from hgkd.extract.demo_data import _jpeg, _load
+from hgkd.data.demo_data import _jpeg, _load
 
 from conftest import corrupt_jpeg
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import zarr
 
-from hgkd.extract.data import open_source
+from hgkd.data.sources import open_source
 from hgkd.extract.teachers.base import create_teacher
-from hgkd.extract.views import ViewConfig, ViewParams, decode_image, render_view
+from hgkd.data.views import ViewConfig, ViewParams, decode_image, render_view
 from hgkd.storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache
 from hgkd.storage.locks import ShardLock
 from hgkd.storage.verify import verify_cache

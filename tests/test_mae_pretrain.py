@@ -1,12 +1,12 @@
 """The demo's MAE pre-training: learns (held-out loss drops) and writes an official-layout checkpoint."""
 import torch
 
-from hgkd.extract.data import open_source
-from hgkd.extract.demo_data import write_digits_shards
+from hgkd.data.sources import open_source
+from hgkd.data.demo_data import write_digits_shards
 from hgkd.extract.teachers import create_teacher
 from hgkd.extract.teachers.base import TEACHERS, load_checkpoint_file
 from hgkd.extract.teachers.mae_pretrain import MaeDecoder, mae_loss, pretrain_mae, random_masks
-from hgkd.extract.views import decode_image
+from hgkd.data.views import decode_image
 
 
 def heldout_loss(teacher, decoder, images) -> float:

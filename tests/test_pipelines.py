@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hgkd.errors import HgkdError
-from hgkd.extract.demo_data import write_digits_shards
+from hgkd.data.demo_data import write_digits_shards
 from hgkd.pipelines.report import aggregate, markdown_table, set_title, write_report
 from hgkd.pipelines.run import run_pipeline, validate_stages
 from hgkd.pipelines.spec import load_spec, spec_from_dict

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from hgkd.errors import HgkdError
-from hgkd.extract.data import open_source
-from hgkd.extract.demo_data import _load
-from hgkd.extract.views import ViewConfig, sample_view
+from hgkd.data.sources import open_source
+from hgkd.data.demo_data import _load
+from hgkd.data.views import ViewConfig, sample_view
 from hgkd.storage.cache import STATUS_OK, FeatureCache
 from hgkd.storage.verify import verify_cache
 

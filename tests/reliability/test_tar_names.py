@@ -10,7 +10,7 @@ import pytest
 
 from hgkd.distill.config import DistillConfig
 from hgkd.distill.train import Trainer
-from hgkd.extract.demo_data import SKIMAGE_IMAGES, _jpeg, _load
+from hgkd.data.demo_data import SKIMAGE_IMAGES, _jpeg, _load
 from hgkd.storage.cache import FeatureCache
 from hgkd.storage.verify import verify_cache
 

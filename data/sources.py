@@ -106,11 +106,8 @@ def _open_folder(root: str) -> DataSource:
 
 def _iter_folder(source: DataSource) -> Iterator[Sample]:
     root = Path(source.spec[0])
-    classes = sorted({Path(rel).parts[0] for rel, _ in source.entries if len(Path(rel).parts) > 1})
-    class_ids = {name: i for i, name in enumerate(classes)}
-    for index, (rel, _) in enumerate(source.entries):
-        parts = Path(rel).parts
-        label = class_ids[parts[0]] if len(parts) > 1 else -1
+    relpaths = [rel for rel, _ in source.entries]
+    for index, (rel, label) in enumerate(zip(relpaths, folder_labels(relpaths))):
         yield Sample(index, text_key(str(Path(rel).with_suffix(""))), (root / rel).read_bytes(), label)
 
 
@@ -137,13 +134,22 @@ def text_key(key: str) -> str:
 
 
 def _label_of(sample: dict) -> int:
-    for ext in LABEL_EXTS:
-        if ext in sample:
-            try:
-                return int(sample[ext].decode().strip())
-            except ValueError:
-                return -1
-    return -1
+    return parse_label(next((sample[ext] for ext in LABEL_EXTS if ext in sample), None))
+
+
+def parse_label(data: bytes | None) -> int:
+    """A label member's integer class (``.cls``, ``.label``, ...); -1 when absent or not an integer."""
+    try:
+        return int(data.decode().strip()) if data is not None else -1
+    except ValueError:
+        return -1
+
+
+def folder_labels(relpaths: list[str]) -> list[int]:
+    """Class index = sorted position of the first sub-folder (``root/class/img.jpg``); -1 at the root."""
+    classes = sorted({Path(rel).parts[0] for rel in relpaths if len(Path(rel).parts) > 1})
+    ids = {name: i for i, name in enumerate(classes)}
+    return [ids[Path(rel).parts[0]] if len(Path(rel).parts) > 1 else -1 for rel in relpaths]
 
 
 def _reraise_as_user_error(exn: Exception) -> bool:
