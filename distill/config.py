@@ -15,7 +15,7 @@ import yaml
 from ..config import checked_values, load_mapping
 from ..errors import HgkdError
 
-SPARSE_BACKENDS = ("minkowski", "masked")
+SPARSE_BACKENDS = ("minkowski", "masked", "rows")
 STUDENT_MASKS = ("cached", "fresh")
 PAPER_EPOCHS, PAPER_WARMUP_EPOCHS = 100, 40  # Sec. 4.1: 40 warm-up epochs of 100
 
@@ -31,7 +31,7 @@ class DistillConfig:
     method_opts: dict[str, Any] = field(default_factory=dict)  # the method's own hyper-parameters
     optimizer: str = "lamb"  # any timm optimizer name
     student: str = "resnet50"
-    sparse_backend: str = "minkowski"  # how sparse convs run; "masked" = SparK-style emulation
+    sparse_backend: str = "minkowski"  # how sparse convs run; "masked" = SparK-style emulation, "rows" = active-site rows (issue 13)
     sparse: bool = True  # ablation: False = ordinary convs on the zero-filled image
     unet: bool = True  # ablation: False = same-depth plain head on the deepest scale
     similarity: bool = True  # ablation: False = L_mse only

@@ -56,7 +56,7 @@ def test_dataset_batches_are_the_teachers_views_and_tokens(f32_cache, photo_tars
     assert batch.visible.shape == (3, 4, 4) and (batch.visible.sum((1, 2)) == 8).all()
 
 
-@pytest.mark.parametrize("backend", ["minkowski", "masked"])
+@pytest.mark.parametrize("backend", ["minkowski", "masked", "rows"])
 def test_distill_runs_logs_and_exports_a_dense_timm_resnet(f32_cache, photo_tars, tmp_path, backend):
     run = tmp_path / "run"
     result = invoke(distill_args(f32_cache, photo_tars, str(run), backend=backend))
