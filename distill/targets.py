@@ -16,21 +16,16 @@ import json
 import numpy as np
 import torch
 
-from ..errors import HgkdError
-
-from ..extract.run import ExtractConfig, teacher_targets
-from ..extract.teachers import create_teacher, sha256_file
 from ..data.views import ViewConfig
+from ..errors import HgkdError
+from ..extract.teachers import create_teacher, sha256_file
 from ..storage.cache import FeatureCache
+from ..storage.metadata import DEFAULT_SHARD_VIEWS
 from .classifier import load_classifier
 from .config import DistillConfig
 from .data import Batch, CacheViewDataset, ChunkAwareBatchSampler, OnlineViewDataset, ViewCycleSampler
 from .methods import NetDims
 from .outputs import NetOutputs
-
-# views per shard of a cache made with the extractor's defaults: the online teacher groups
-# images as such a cache does, so --online-views K batches equal a K-view cache's (issue 12)
-DEFAULT_SHARD_VIEWS = ExtractConfig.__dataclass_fields__["shard_views"].default
 
 
 class TokenTargets:
@@ -134,6 +129,7 @@ class OnlineTargets(TokenTargets):
 
     def sampler(self, batch_size: int, seed: int, rank: int, world_size: int) -> ViewCycleSampler:
         return ViewCycleSampler(self.dataset.num_samples, self.row_views, batch_size, seed, rank, world_size,
+                                # grouped as a default cache's shards, so --online-views K batches equal a K-view cache's
                                 samples_per_block=max(1, DEFAULT_SHARD_VIEWS // (self.views or 1)))
 
     def prefill_rows(self, n: int, seed: int) -> np.ndarray:
@@ -144,8 +140,8 @@ class OnlineTargets(TokenTargets):
 
     def complete(self, batch: Batch) -> Batch:
         self.forwards += len(batch.images)
-        tokens, valid, pooled = teacher_targets(self.teacher, batch.images, ~batch.visible.flatten(1),
-                                                full_view=self.full_view, amp=self.amp)
+        tokens, valid, pooled = self.teacher.targets(batch.images, ~batch.visible.flatten(1),
+                                                     full_view=self.full_view, amp=self.amp)
         return Batch(batch.rows, batch.images, batch.visible, tokens, valid, pooled, batch.labels, batch.indices)
 
 

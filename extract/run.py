@@ -26,11 +26,10 @@ from tqdm import tqdm
 
 from ..devices import resolve_device
 from ..errors import HgkdError
-from ..pixels import normalize_uint8, pixel_stats
 from ..storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache, RowBlock
 from ..storage.codecs import CodecSpec, encode_tokens
 from ..storage.locks import creation_lock
-from ..storage.metadata import SKIP_NO_IMAGE, SKIP_UNDECODABLE, CacheMeta
+from ..storage.metadata import DEFAULT_SHARD_VIEWS, SKIP_NO_IMAGE, SKIP_UNDECODABLE, CacheMeta
 from ..storage.shards import claim_shard, completion_record
 from ..version import __version__
 from ..data.sources import DataSource, Sample, open_source
@@ -51,7 +50,7 @@ class ExtractConfig:
     checkpoint: str | None = None
     view: ViewConfig = field(default_factory=ViewConfig)
     codec: CodecSpec = field(default_factory=CodecSpec)
-    shard_views: int = 256
+    shard_views: int = DEFAULT_SHARD_VIEWS
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 on CPU)
@@ -196,25 +195,6 @@ def prepare_sample(sample: Sample, view_cfg: ViewConfig, view_ids: range | None 
     return Prepared(sample, params, views, hw)
 
 
-@torch.no_grad()
-def teacher_targets(teacher: Teacher, views_vchw: torch.Tensor, mask_vn: torch.Tensor, full_view: bool = False,
-                    amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the cache stores for a batch of uint8 views: tokens, validity, pooled embedding.
-
-    Shared by extraction and ``hgkd-distill --online-teacher`` so both give the same targets.
-    """
-    device = next(teacher.parameters()).device
-    mean, std = pixel_stats(teacher.mean, teacher.std, device)
-    x = normalize_uint8(views_vchw.to(device, non_blocking=True), mean, std)
-    mask = None if full_view else mask_vn.to(device)
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        tokens, valid = teacher.forward_masked(x, mask)
-    tokens = tokens.float()
-    weights = valid.unsqueeze(-1).float()
-    pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    return tokens, valid, torch.nn.functional.normalize(pooled, dim=-1)
-
-
 class Extractor:
     """Teacher forward + encoding of one batch of prepared samples into cache rows."""
 
@@ -226,8 +206,7 @@ class Extractor:
     def teacher_outputs(self, views_vchw: torch.Tensor, mask_vn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (V, N, C) float32, valid (V, N), pooled (V, C) L2-normalised."""
         start = time.perf_counter()
-        out = teacher_targets(self.teacher, views_vchw, mask_vn, full_view=self.cfg.view.teacher_view == "full",
-                              amp=self.amp)
+        out = self.teacher.targets(views_vchw, mask_vn, full_view=self.cfg.view.teacher_view == "full", amp=self.amp)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.teacher_seconds += time.perf_counter() - start

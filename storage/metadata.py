@@ -16,6 +16,8 @@ from typing import Any
 
 FORMAT = "hgkd-teacher-cache"
 FORMAT_VERSION = 1
+# Views per shard (one file per array) of a cache made with the extractor's defaults.
+DEFAULT_SHARD_VIEWS = 256
 # Settings that growing a cache changes (issue 12); every other setting must stay equal.
 GROWTH_KEYS = (("view", "views_per_image"), ("storage", "num_views"))
 # Why a sample was skipped (the ``reason`` of a ``skipped`` entry, issue 10).

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import HgkdError
+from ...pixels import normalize_uint8, pixel_stats
 from ...registry import Registry
 from .layers import visible_counts
 
@@ -106,6 +107,28 @@ class Teacher(nn.Module):
         outs = [self._forward_masked(images_bchw[i:i + 1], mask_bn[i:i + 1])
                 for i in range(images_bchw.shape[0])]
         return torch.cat([t for t, _ in outs]), torch.cat([v for _, v in outs])
+
+    @torch.no_grad()
+    def targets(self, views_vchw: Tensor, mask_vn: Tensor, full_view: bool = False,
+                amp: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """What the cache stores for a batch of uint8 views: ``(tokens_vnc, valid_vn, pooled_vc)``.
+
+        Normalises with the teacher's ``mean``/``std``, runs :meth:`forward_masked` (on the
+        full view when ``full_view``, i.e. ``teacher_view=full``) under optional autocast
+        ``amp``; ``pooled`` is the L2-normalised mean of the valid tokens (H-GKD Sec. 3.2.2's
+        p_t). Extraction and ``hgkd-distill --online-teacher`` both call it, so both give the
+        same targets.
+        """
+        device = next(self.parameters()).device
+        mean, std = pixel_stats(self.mean, self.std, device)
+        x = normalize_uint8(views_vchw.to(device, non_blocking=True), mean, std)
+        mask = None if full_view else mask_vn.to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            tokens, valid = self.forward_masked(x, mask)
+        tokens = tokens.float()
+        weights = valid.unsqueeze(-1).float()
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return tokens, valid, torch.nn.functional.normalize(pooled, dim=-1)
 
     def _forward_masked(
         self, images_bchw: Tensor, mask_bn: Tensor | None
