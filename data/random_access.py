@@ -1,76 +1,101 @@
 """Random access to a source's samples by index, for stage two and evaluation.
 
-Tar shards are indexed once into member offsets (webdataset's own grouping of members into
-samples); folders are listed. ``read(index)`` then fetches one image's bytes with ``os.pread``.
+Tar shards' member offsets come from the persistent sample index (``sample_index``: scanned
+once, reused while each tar's stamp matches); folders are listed. ``read(index)`` then
+fetches one image's bytes: ``os.pread`` for a local tar, a ranged fsspec read for a URL.
+A tar that changes after the index was taken is refused on its first read in each process,
+never read at stale offsets.
 """
 from __future__ import annotations
 
 import os
-import re
-import tarfile
 from pathlib import Path
-from typing import Iterator
 
-from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
+import numpy as np
 
 from ..errors import HgkdError
-from .sources import IMAGE_EXTS, LABEL_EXTS, DataSource, folder_labels, parse_label, text_key
-
-_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator default
+from ..remote import RangeReader, is_url, stamp
+from .sample_index import index_tars
+from .sources import DataSource, check_counted, folder_labels, open_source, text_key
 
 
 class RandomAccessSource:
-    """Read sample ``index``'s image bytes directly: tar member offsets, or folder paths."""
+    """Read sample ``index``'s image bytes directly: tar member offsets, or folder paths.
 
-    def __init__(self, source: DataSource) -> None:
+    ``index``: where the sample index lives (``"default"``: ``sample_index.index_dir()``;
+    None: scan without keeping). The source's ``num_samples`` is set from the index.
+    """
+
+    def __init__(self, source: DataSource, index: str | Path | None = "default") -> None:
         self.source = source
         if source.kind == "folder":
             root = Path(source.spec[0])
-            self._locations = [(str(root / rel), 0, -1) for rel, _ in source.entries]
+            self._urls = [str(root / rel) for rel, _ in source.entries]
+            self._tar = np.arange(len(source.entries), dtype=np.int64)
+            self._offsets = np.zeros(len(source.entries), np.int64)
+            self._sizes = np.full(len(source.entries), -1, np.int64)  # whole file
+            self._stamps = None
             self.keys = [text_key(str(Path(rel).with_suffix(""))) for rel, _ in source.entries]
             self.labels = folder_labels([rel for rel, _ in source.entries])
         else:
-            self._locations, self.keys, self.labels = self._index_tars(source)
-        self._handles: dict[str, int] = {}  # path -> descriptor, read with os.pread
-
-    @staticmethod
-    def _index_tars(source: DataSource) -> tuple[list[tuple[str, int, int]], list[str], list[int]]:
-        """Member offsets per sample (grouped by webdataset's own grouping) and class labels."""
-        def members() -> Iterator[dict]:
-            for url, _ in source.entries:
-                if "://" in url:
-                    raise HgkdError(f"--data {url}: stage two needs local tar files (random access)")
-                with tarfile.open(url, mode="r:") as tar:
-                    for info in tar:
-                        name = info.name
-                        if not info.isreg() or ("/" not in name and name.startswith(meta_prefix)
-                                                and name.endswith(meta_suffix)) or _SKIP_META.match(name):
-                            continue
-                        is_label = name.rsplit(".", 1)[-1].lower() in LABEL_EXTS or name.endswith(".cls.txt")
-                        data = tar.extractfile(info).read() if is_label else (url, info.offset_data, info.size)
-                        yield {"fname": name, "data": data, "__url__": url}
-                yield {}
-
-        locations, keys, labels = [], [], []
-        for sample in group_by_keys(members()):
-            image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
-            locations.append(image if image is not None else ("", 0, 0))
-            keys.append(text_key(sample["__key__"]))
-            labels.append(parse_label(next((sample[ext] for ext in LABEL_EXTS if ext in sample), None)))
-        return locations, keys, labels
+            self._urls = [url for url, _ in source.entries]
+            self._stamps = source.stamps if source.stamps is not None else [stamp(url) for url in self._urls]
+            tars = index_tars(self._urls, self._stamps, index)
+            self._tar = np.repeat(np.arange(len(tars), dtype=np.int32), [len(t) for t in tars])
+            self._offsets = np.concatenate([t.offsets for t in tars]) if tars else np.zeros(0, np.int64)
+            self._sizes = np.concatenate([t.sizes for t in tars]) if tars else np.zeros(0, np.int64)
+            self.keys = [k for t in tars for k in t.keys]
+            self.labels = [int(x) for t in tars for x in t.labels]
+            source.num_samples = len(self.keys)
+            check_counted(source, int((self._offsets >= 0).sum()))
+        self._handles: dict[int, int] = {}  # tar -> descriptor, read with os.pread
+        self._checked: set[int] = set()  # remote tars whose stamp was checked in this process
+        self._remote = RangeReader()
 
     def read(self, index: int) -> bytes | None:
         """One sample's image bytes. ``os.pread`` never moves a shared file position, so
         DataLoader workers forked with these descriptors cannot read each other's bytes."""
-        path, offset, size = self._locations[index]
-        if not path:
+        tar, offset, size = int(self._tar[index]), int(self._offsets[index]), int(self._sizes[index])
+        if offset < 0:
             return None
-        if size < 0:
-            return Path(path).read_bytes()
-        fd = self._handles.get(path)
-        if fd is None:
-            fd = self._handles[path] = os.open(path, os.O_RDONLY)
-        return os.pread(fd, size, offset)
+        url = self._urls[tar]
+        if is_url(url):
+            self._check_remote(tar)
+            data = self._remote.read(url, offset, size)
+        elif size < 0:
+            return Path(url).read_bytes()
+        else:
+            fd = self._handles.get(tar)
+            if fd is None:
+                fd = self._handles[tar] = self._open_local(tar)
+            data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise HgkdError(f"--data {url}: sample {index} is cut short ({len(data)} of {size} bytes); "
+                            f"the tar changed or is truncated - restart to index it again")
+        return data
+
+    def _open_local(self, tar: int) -> int:
+        fd = os.open(self._urls[tar], os.O_RDONLY)
+        st = os.fstat(fd)
+        if [st.st_size, st.st_mtime_ns, st.st_ino] != list(self._stamps[tar]):
+            os.close(fd)
+            raise self._changed(tar)
+        return fd
+
+    def _check_remote(self, tar: int) -> None:
+        if tar not in self._checked:
+            if stamp(self._urls[tar]) != list(self._stamps[tar]):
+                raise self._changed(tar)
+            self._checked.add(tar)
+
+    def _changed(self, tar: int) -> HgkdError:
+        return HgkdError(f"--data {self._urls[tar]} changed since this run indexed it (size or modification "
+                         f"time differ); its sample offsets are stale - restart to index it again")
 
     def __getstate__(self) -> dict:  # file handles stay per worker process
-        return {**self.__dict__, "_handles": {}}
+        return {**self.__dict__, "_handles": {}, "_checked": set()}
+
+
+def open_random_access(spec: list[str] | str, index: str | Path | None = "default") -> RandomAccessSource:
+    """``--data`` for random access: tars are stamped and indexed (not read through), folders listed."""
+    return RandomAccessSource(open_source(spec, count=False), index)

@@ -17,6 +17,7 @@ import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
 from ..errors import HgkdError
+from ..remote import stamp
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 LABEL_EXTS = ("cls", "cls.txt", "label", "target")
@@ -37,7 +38,8 @@ class DataSource:
     kind: str  # "webdataset" or "folder"
     spec: list[str]
     entries: list[tuple[str, int]] = field(default_factory=list)  # (path or url, size in bytes)
-    num_samples: int = 0
+    num_samples: int = 0  # 0 until counted (``open_source(count=False)``: the sample index counts)
+    stamps: list[list] | None = None  # per tar: what identifies its version (``remote.stamp``)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.entries).encode()).hexdigest()
@@ -54,40 +56,51 @@ class DataSource:
             yield from _iter_tars(self)
 
 
-def open_source(spec: list[str] | str) -> DataSource:
+def open_source(spec: list[str] | str, count: bool = True) -> DataSource:
     """Resolve ``--data`` (tar patterns with braces, URLs, one image folder, or one folder of
-    tar shards) and count it."""
+    tar shards) and count it. ``count=False``: tars are not read; each is stamped instead
+    (a URL through fsspec: size and version), for :mod:`hgkd.data.sample_index` to count."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs or not all(s.strip() for s in specs):
         raise HgkdError("--data is empty; give tar shards ('train-{000..009}.tar') or an image folder")
     if len(specs) == 1 and Path(specs[0]).is_dir():
-        return _open_folder(specs[0])
-    return _open_tars(specs, [u for s in specs for u in wds.shardlists.expand_urls(s)])
+        return _open_folder(specs[0], count)
+    return _open_tars(specs, [u for s in specs for u in wds.shardlists.expand_urls(s)], count)
 
 
-def _open_tars(specs: list[str], urls: list[str]) -> DataSource:
-    entries = []
+def _open_tars(specs: list[str], urls: list[str], count: bool = True) -> DataSource:
+    entries, stamps = [], []
     for url in urls:
-        if "://" in url:
-            entries.append((url, -1))
-            continue
-        if not Path(url).is_file():
+        if "://" not in url and not Path(url).is_file():
             raise HgkdError(f"--data: {url} does not exist (from {' '.join(specs)})")
-        entries.append((url, os.path.getsize(url)))
-    source = DataSource("webdataset", specs, entries)
+        if count:  # extraction streams URLs with webdataset: their size is not needed
+            entries.append((url, -1 if "://" in url else os.path.getsize(url)))
+            continue
+        stamps.append(stamp(url))
+        if stamps[-1][0] < 0:
+            raise HgkdError(f"--data {url}: the store does not report its size; stage two needs ranged reads")
+        entries.append((url, stamps[-1][0]))
+    source = DataSource("webdataset", specs, entries, stamps=None if count else stamps)
+    if not count:
+        return source
     with_image = 0
     for sample in _iter_tars(source, count_only=True):
         source.num_samples = sample.index + 1
         with_image += sample.data is not None
-    if source.num_samples == 0:
-        raise HgkdError(f"--data {' '.join(specs)}: no samples found in {len(urls)} tar file(s)")
-    if with_image == 0:
-        raise HgkdError(f"--data {' '.join(specs)}: none of the {source.num_samples} samples has an image member "
-                        f"({', '.join(IMAGE_EXTS)}); point --data at image shards")
+    check_counted(source, with_image)
     return source
 
 
-def _open_folder(root: str) -> DataSource:
+def check_counted(source: DataSource, with_image: int) -> None:
+    """Refuse tar shards without samples, or without a single image member."""
+    if source.num_samples == 0:
+        raise HgkdError(f"--data {' '.join(source.spec)}: no samples found in {len(source.entries)} tar file(s)")
+    if with_image == 0:
+        raise HgkdError(f"--data {' '.join(source.spec)}: none of the {source.num_samples} samples has an image "
+                        f"member ({', '.join(IMAGE_EXTS)}); point --data at image shards")
+
+
+def _open_folder(root: str, count: bool = True) -> DataSource:
     """An image folder (``root/class/img.jpg``), or a folder holding only ``.tar`` shards."""
     files = sorted(
         p for p in Path(root).rglob("*")
@@ -96,7 +109,7 @@ def _open_folder(root: str) -> DataSource:
     if not files:
         shards = sorted(str(p) for p in Path(root).glob("*.tar") if p.is_file())
         if shards:
-            return _open_tars([root], shards)
+            return _open_tars([root], shards, count)
         raise HgkdError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) and no .tar shards found in this "
                         "folder; give an image folder (root/class/img.jpg) or tar shards as a brace pattern, "
                         "e.g. 'shards/train-{0000..0009}.tar'")
@@ -120,6 +133,20 @@ def _iter_tars(source: DataSource, count_only: bool = False) -> Iterator[Sample]
             continue
         image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
         yield Sample(index, key, image, _label_of(sample))
+
+
+def same_data(source: DataSource, recorded: dict) -> bool:
+    """Whether ``source`` is the data set a cache recorded (``CacheMeta.dataset``): the same
+    fingerprint, or the same tar shards moved elsewhere (e.g. copied to an object store):
+    equal file names in the same order and equal sizes (a recorded size of -1: unknown)."""
+    if source.fingerprint() == recorded.get("fingerprint"):
+        return True
+    shards = recorded.get("shards") or []
+    if source.kind != "webdataset" or not shards or len(shards) != len(source.entries):
+        return False
+    name = lambda path: str(path).rstrip("/").rsplit("/", 1)[-1]  # noqa: E731
+    return all(name(url) == name(old) and (old_size < 0 or size == old_size)
+               for (url, size), (old, old_size) in zip(source.entries, shards))
 
 
 def text_key(key: str) -> str:

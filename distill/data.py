@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import HgkdError
-from ..data.random_access import RandomAccessSource
-from ..data.sources import open_source
+from ..data.random_access import RandomAccessSource, open_random_access
+from ..data.sources import open_source, same_data
 from ..data.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
 from ..data.views import student_mask as draw_student_mask
 from ..storage.cache import STATUS_OK, FeatureCache
@@ -92,8 +92,8 @@ class CacheViewDataset(Dataset):
         cache = FeatureCache.open(cache_url)
         if not cache.is_complete():
             raise HgkdError(f"--cache {cache_url} is incomplete; finish it with 'hgkd-extract run' and check 'verify'")
-        source = open_source(data)
-        if source.fingerprint() != cache.meta.dataset["fingerprint"]:
+        source = open_source(data, count=False)  # counted by the sample index
+        if not same_data(source, cache.meta.dataset):
             raise HgkdError(f"--data {' '.join(data)} is not the data set the cache was made from "
                             f"(fingerprint differs); pass the same shards/folder as to 'hgkd-extract run'")
         self.view_cfg = ViewConfig.from_json(cache.meta.view)
@@ -189,7 +189,7 @@ class OnlineViewDataset(Dataset):
         self.view_cfg = view_cfg
         check_student_mask(student_mask, view_cfg, "a masked online teacher's targets", "use --teacher-view full")
         self.student_mask, self.mask_seed = student_mask, mask_seed
-        self.source = RandomAccessSource(open_source(data))
+        self.source = open_random_access(data)
         self.labels = np.asarray(self.source.labels, dtype=np.int64)
         unlabelled = int((self.labels < 0).sum())
         if labelled and unlabelled:

@@ -1,0 +1,132 @@
+"""The persistent sample index (issue 15) on real tars: reused, re-scanned when a tar
+changes, never trusted when corrupt, optional where it cannot be written."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from hgkd.data import sample_index
+from hgkd.data.random_access import open_random_access
+from hgkd.data.sources import open_source
+from hgkd.errors import HgkdError
+
+
+def write_tar(path: Path, tag: str, n: int = 5) -> None:
+    """``n`` samples whose image bytes name the tar's ``tag`` and the sample (equal sizes per tag length)."""
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(n):
+            sink.write({"__key__": f"{tag}/s{i:03d}", "jpg": f"image {tag} {i:03d} ".encode() * 7, "cls": str(i % 3)})
+
+
+@pytest.fixture
+def tars(tmp_path) -> str:
+    for t in range(3):
+        write_tar(tmp_path / f"shard-{t}.tar", f"t{t}")
+    return str(tmp_path / "shard-{0..2}.tar")
+
+
+@pytest.fixture
+def scans(monkeypatch) -> list[str]:
+    """URLs scanned by ``sample_index.scan_tar`` (the real function still runs)."""
+    seen: list[str] = []
+    real = sample_index.scan_tar
+
+    def counting(url: str, stamp: list):
+        seen.append(url)
+        return real(url, stamp)
+
+    monkeypatch.setattr(sample_index, "scan_tar", counting)
+    return seen
+
+
+def expected(spec: str) -> list[tuple[str, bytes, int]]:
+    """What webdataset's own sequential reader yields: (key, image bytes, label)."""
+    return [(s.key, s.data, s.label) for s in open_source(spec)]
+
+
+def contents(source) -> list[tuple[str, bytes, int]]:
+    return [(source.keys[i], source.read(i), source.labels[i]) for i in range(len(source.keys))]
+
+
+def test_second_open_reads_the_index_and_scans_nothing(tars, scans, tmp_path):
+    index = tmp_path / "index"
+    first = open_random_access(tars, index)
+    assert len(scans) == 3 and len(list(index.glob("*.npz"))) == 1
+    second = open_random_access(tars, index)
+    assert len(scans) == 3, "the second open must read the index, not scan"
+    assert contents(first) == contents(second) == expected(tars)
+    assert second.source.num_samples == 15
+
+
+def test_a_tar_rewritten_with_the_same_size_is_scanned_again(tars, scans, tmp_path):
+    index = tmp_path / "index"
+    open_random_access(tars, index)
+    target = tmp_path / "shard-1.tar"
+    size = target.stat().st_size
+    write_tar(target, "u1")  # same member sizes and names' lengths: same tar size, other keys and bytes
+    assert target.stat().st_size == size
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse clocks: make the change visible
+    scans.clear()
+    again = open_random_access(tars, index)
+    assert scans == [str(target)]
+    assert contents(again) == expected(tars) and any(k.startswith("u1/") for k in again.keys)
+    scans.clear()
+    open_random_access(tars, index)
+    assert scans == [], "the rewritten index holds the re-scanned tar"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "one-key-byte"])
+def test_a_corrupt_index_is_ignored_and_rewritten(tars, scans, tmp_path, damage):
+    index = tmp_path / "index"
+    open_random_access(tars, index)
+    (path,) = index.glob("*.npz")
+    blob = path.read_bytes()
+    assert blob.count(b"t1/s002") == 1
+    path.write_bytes({"truncate": blob[: len(blob) // 2], "garbage": blob[:100] + b"\x00" * (len(blob) - 100),
+                      "empty": b"", "one-key-byte": blob.replace(b"t1/s002", b"t1/s00X")}[damage])
+    scans.clear()
+    source = open_random_access(tars, index)
+    assert len(scans) == 3 and contents(source) == expected(tars)
+    scans.clear()
+    open_random_access(tars, index)
+    assert scans == [], "the damaged file was replaced by a whole index"
+
+
+def test_an_unwritable_index_place_costs_only_the_persistence(tars, scans, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    source = open_random_access(tars, blocker / "index")  # cannot be created (root-proof, unlike chmod)
+    assert contents(source) == expected(tars) and len(scans) == 3
+    assert not list(tmp_path.glob("**/*.npz")) and not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_no_temporary_files_are_left_and_off_keeps_nothing(tars, tmp_path, monkeypatch):
+    index = tmp_path / "index"
+    open_random_access(tars, index)
+    assert [p.suffix for p in index.iterdir()] == [".npz"]
+    monkeypatch.setenv("HGKD_SAMPLE_INDEX", "off")
+    assert sample_index.index_dir() is None
+    monkeypatch.setenv("HGKD_SAMPLE_INDEX", str(tmp_path / "env-index"))
+    open_random_access(tars)
+    assert len(list((tmp_path / "env-index").glob("*.npz"))) == 1
+
+
+def test_a_tar_changed_after_indexing_is_refused_not_misread(tars, tmp_path):
+    source = open_random_access(tars, tmp_path / "index")
+    assert source.read(0) is not None
+    write_tar(tmp_path / "shard-2.tar", "zz")
+    st = (tmp_path / "shard-2.tar").stat()
+    os.utime(tmp_path / "shard-2.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(HgkdError, match=r"shard-2\.tar changed since this run indexed it"):
+        source.read(12)
+
+
+def test_a_broken_tar_is_one_line(tmp_path):
+    (tmp_path / "bad.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(HgkdError, match=r"bad\.tar: cannot read this tar shard"):
+        open_random_access(str(tmp_path / "bad.tar"), tmp_path / "index")
+    assert not (tmp_path / "index").exists()
