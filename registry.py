@@ -19,6 +19,7 @@ TEACHER_NAMES = ("beit_large_patch16", "beit_tiny_patch16", "cae_large_patch16",
 STUDENT_NAMES = ("resnet18", "resnet34", "resnet50")  # hgkd.distill.students.STUDENT_ENCODERS
 METHOD_NAMES = ("at", "crd", "dist", "fitnet", "hgkd", "hsakd", "icd", "kd", "pkt", "rkd", "sp",
                 "vanilla")  # hgkd.distill.methods.METHODS
+DEFAULT_METHOD = "hgkd"  # the paper's method: DistillConfig.method's default
 TOKEN_CODEC_NAMES = ("f32", "f16", "bf16", "int8t", "int8ct")  # hgkd.storage.codecs.CODECS (the codec registry)
 COMPRESSOR_NAMES = ("lz4", "zstd", "none")  # hgkd.storage.codecs.COMPRESSORS
 PROBE_HEAD_NAMES = ("mlp", "linear")  # hgkd.evaluate.probe.HEADS

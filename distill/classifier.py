@@ -26,8 +26,8 @@ from ..pixels import normalize_uint8, pixel_stats
 from ..run_layout import last_checkpoint
 from ..extract.teachers import TEACHERS, create_teacher
 from .methods.base import NetDims
-from .methods.hsakd import make_branches
 from .outputs import NetOutputs
+from .rotation_task import make_branches
 from .students import STUDENT_ENCODERS, SparseResNetEncoder
 
 FORMAT = "hgkd-classifier-1"

@@ -37,7 +37,7 @@ def main(verbose: bool) -> None:
 @click.option("--cache", help="Teacher cache written by 'hgkd-extract run'.")
 @click.option("--data", multiple=True, help="The data the cache was made from (same shards/folder).")
 @click.option("--out", help="Run directory (checkpoints, metrics, config).")
-@click.option("--method", type=click.Choice(METHOD_NAMES), default="hgkd", show_default=True,
+@click.option("--method", type=click.Choice(METHOD_NAMES), default=DistillConfig.method, show_default=True,
               help="Distillation method; all but hgkd are supervised baselines needing --teacher-classifier.")
 @click.option("--method-opt", "method_opts", multiple=True, metavar="KEY=VALUE",
               help="A hyper-parameter of --method (repeatable), e.g. kd_weight=1 for ICD+KD.")
@@ -86,6 +86,7 @@ def main(verbose: bool) -> None:
 @user_errors
 def run(config_file: str | None, resume: bool, **opts) -> None:
     """Train the student against the cached teacher targets."""
+    from .methods import METHODS, method_class
     from .train import Trainer
 
     ctx = click.get_current_context()
@@ -95,8 +96,9 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
         if ctx.get_parameter_source(name) != ParameterSource.DEFAULT or name not in values:
             values[name] = list(value) if name == "data" else value
     values["mask_granularity"] = int(values["mask_granularity"])
-    without_cache = values.get("online_teacher") or values.get("method", "hgkd") != "hgkd"
-    for required in ("data", "out") if without_cache else ("cache", "data", "out"):
+    method = values.get("method", DistillConfig.method)
+    reads_cache = method in METHODS and not method_class(method).supervised and not values.get("online_teacher")
+    for required in ("cache", "data", "out") if reads_cache else ("data", "out"):
         if not values.get(required):
             raise HgkdError(f"--{required} is required (on the command line or in --config)")
     cfg = DistillConfig.from_dict(values, source=config_file or "options")

@@ -14,6 +14,7 @@ import yaml
 
 from ..config import checked_values, load_mapping
 from ..errors import HgkdError
+from ..registry import DEFAULT_METHOD
 
 SPARSE_BACKENDS = ("minkowski", "masked", "rows")
 STUDENT_MASKS = ("cached", "fresh")
@@ -27,7 +28,7 @@ class DistillConfig:
     cache: str = ""
     data: list[str] = field(default_factory=list)
     out: str = ""
-    method: str = "hgkd"  # any registered method (hgkd.distill.methods.METHODS)
+    method: str = DEFAULT_METHOD  # any registered method (hgkd.distill.methods.METHODS)
     method_opts: dict[str, Any] = field(default_factory=dict)  # the method's own hyper-parameters
     optimizer: str = "lamb"  # any timm optimizer name
     student: str = "resnet50"

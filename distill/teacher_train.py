@@ -24,7 +24,7 @@ from ..errors import HgkdError
 from ..data.views import ViewConfig
 from .classifier import ClassifierNet, save_classifier
 from .data import OnlineViewDataset, ViewCycleSampler, whole_batch
-from .methods.hsakd import joint_labels, rotate_batch, unrotated
+from .rotation_task import joint_labels, rotate_batch, unrotated
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from .classifier import ClassifierNet
 from .config import DistillConfig
 from .cost import CostLedger, RunCost
 from .data import Batch, whole_batch
-from .methods import DistillMethod, MethodContext, NetDims, create_method, method_class
+from .methods import DistillMethod, MethodContext, NetDims, create_method, method_class, method_options
 from .outputs import NetOutputs
 from .students import STRIDES, create_encoder
 from .students.model import HgkdStudent
@@ -71,13 +71,6 @@ def build_student(cfg: DistillConfig, embed_dim: int, patch_size: int) -> HgkdSt
     encoder = create_encoder(cfg.student, backend=cfg.encoder_backend)
     return HgkdStudent(encoder, out_dim=embed_dim, patch_size=patch_size, decoder_width=cfg.decoder_width,
                        unet=cfg.unet)
-
-
-def method_options(cfg: DistillConfig) -> dict[str, Any]:
-    """The method's keyword arguments: H-GKD's recipe fields, then ``method_opts``."""
-    base = (dict(similarity=cfg.similarity, queue_size=cfg.queue_size, tau=cfg.tau, sim_weight=cfg.sim_weight)
-            if cfg.method == "hgkd" else {})
-    return {**base, **cfg.method_opts}
 
 
 class DistillStep(nn.Module):
@@ -115,7 +108,7 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler)
         self.model = self._build_student().to(self.device)
         ctx = MethodContext(student=self.student_dims, teacher=self.targets.dims, num_samples=self.targets.num_samples)
-        self.method = create_method(cfg.method, ctx, **method_options(cfg)).to(self.device)
+        self.method = create_method(cfg.method, ctx, **method_options(cfg.method, cfg, cfg.method_opts)).to(self.device)
         self.amp = torch.bfloat16 if (cfg.amp and self.device.type == "cuda") else None
         self.step_module = DistillStep(self.model, self.method, self.amp)
         self.optimizer = create_optimizer_v2(self.step_module, cfg.optimizer, lr=cfg.lr,
@@ -158,10 +151,11 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------
     def _prefill_queue(self) -> None:
-        """Fill H-GKD's queue from the cache's pooled embeddings before step one (method notes)."""
-        if not (hasattr(self.method, "prefill") and self.cfg.similarity and self.cfg.prefill_queue):
+        """Give the method the cache's pooled embeddings it asks for before step one (H-GKD's queue)."""
+        size = self.method.prefill_size() if self.cfg.prefill_queue else 0
+        if not size:
             return
-        rows = self.targets.prefill_rows(self.cfg.queue_size, self.cfg.seed)
+        rows = self.targets.prefill_rows(size, self.cfg.seed)
         pooled = self.targets.prefill(rows)
         if pooled is not None:
             self.method.prefill(pooled)

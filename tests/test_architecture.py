@@ -126,3 +126,42 @@ def test_one_home_for_the_device_choice_and_the_checkpoint_folder():
                if any(isinstance(n, ast.Constant) and n.value in ("checkpoints", "last.pt")
                       for n in ast.walk(ast.parse(path.read_text())))]
     assert spelled == ["hgkd.run_layout"]
+
+
+# Method-agnostic distillation (issue 14): what a method needs is declared on its class
+# (``supervised``, ``teacher_needs``, ``config_options``, ``prefill_size``), so the trainer,
+# the targets, the CLI and the config never name one.
+METHOD_MODULES = sorted(m for m in MODULES if _is_under(m, "hgkd.distill.methods")
+                        and m not in ("hgkd.distill.methods", "hgkd.distill.methods.base"))
+METHOD_AGNOSTIC = sorted(m for m in MODULES if _is_under(m, "hgkd.distill") and not _is_under(m, "hgkd.distill.methods"))
+
+
+def _names_a_method(name: str, source: str) -> list[str]:
+    """Method names spelled as string literals, and imports of one method's module."""
+    from hgkd.registry import METHOD_NAMES
+
+    package = name.rsplit(".", 1)[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and node.value in METHOD_NAMES:
+            found.append(f"literal {node.value!r} (line {node.lineno})")
+        elif isinstance(node, ast.Import):
+            targets = {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")[: len(package.split(".")) - max(node.level - 1, 0)] if node.level else []
+            target = ".".join(parts + ([node.module] if node.module else []))
+            targets = {target, *(f"{target}.{a.name}" for a in node.names)}
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found += [f"import of {t} (line {node.lineno})" for t in sorted(targets & set(METHOD_MODULES))]
+    return found
+
+
+def test_the_method_name_check_can_fail():
+    source = 'from .methods.hsakd import rotate_batch\nif cfg.method == "hgkd":\n    pass\n'
+    assert len(_names_a_method("hgkd.distill.train", source)) == 2
+    assert "hgkd.distill.methods.hgkd" in METHOD_MODULES and "hgkd.distill.train" in METHOD_AGNOSTIC
+
+
+@pytest.mark.parametrize("module", METHOD_AGNOSTIC)
+def test_trainer_targets_cli_and_config_never_name_a_method(module):
+    assert _names_a_method(module, MODULES[module].read_text()) == []

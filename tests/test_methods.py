@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hgkd.distill.methods import METHODS, MethodContext, NetDims, create_method, method_class
+from hgkd.distill.config import DistillConfig
+from hgkd.distill.methods import METHODS, MethodContext, NetDims, create_method, method_class, method_options
 from hgkd.distill.methods.crd import nce_loss
-from hgkd.distill.methods.hsakd import joint_labels, rotate_batch, unrotated
+from hgkd.distill.rotation_task import joint_labels, rotate_batch, unrotated
 from hgkd.distill.outputs import NetOutputs
 from hgkd.errors import HgkdError
 
@@ -495,6 +496,21 @@ def test_hgkd_masked_mse_and_similarity_queue_pushed_first():
     assert int(method.queue.filled) == 2 * B
     sim = direct_similarity(np_(t2.pooled), student_pool(s2.tokens, t2.valid), queue, 0.2)
     assert_terms(terms, {"mse": direct_masked_mse(s2.tokens, t2.tokens, t2.valid), "sim": sim}, rel=1e-5)
+
+
+def test_class_hooks_give_options_and_queue_prefill():
+    """What the trainer asks a method (issue 14): its config-fed options and its pre-fill size."""
+    cfg = DistillConfig(method="hgkd", queue_size=7, tau=0.1, similarity=False, sim_weight=2.0)
+    assert method_options("hgkd", cfg, {"tau": 0.2}) == {"similarity": False, "queue_size": 7, "tau": 0.2,
+                                                         "sim_weight": 2.0}
+    assert method_options("kd", cfg, {"kd_weight": 1.0}) == {"kd_weight": 1.0}
+    assert build("hgkd", queue_size=7).prefill_size() == 7
+    assert build("hgkd", queue_size=7, similarity=False).prefill_size() == 0  # no L_sim: no queue to fill
+    assert [n for n in METHODS.names() if build(n).prefill_size()] == ["hgkd"]
+    assert [n for n in METHODS.names() if not method_class(n).supervised] == ["hgkd"]
+    for name in METHODS.names():  # every config-fed option is a DistillConfig field and a factory option
+        assert set(method_class(name).config_options) <= {f.name for f in dataclasses.fields(DistillConfig)}
+        create_method(name, CTX, **method_options(name, DistillConfig(method=name), {}))
 
 
 def test_hgkd_prefill_default_tau_and_sim_weight():

@@ -38,22 +38,42 @@ class MethodContext:
 
 
 class DistillMethod(nn.Module):
-    """One distillation objective.
+    """One distillation objective; what it needs from the run is declared on the class, so the
+    trainer, targets and CLI never name a method.
 
-    ``supervised``: trains a classifier student on labels from a classifier teacher (every
-    baseline); H-GKD is not. ``teacher_needs``: the :class:`NetOutputs` fields read from the
-    teacher. Supervised methods add ``ce_weight * CE(student logits, y)`` and, with
-    ``kd_weight > 0``, Hinton's KD term (e.g. ICD+KD, CRD+KD) through :meth:`supervised_terms`.
+    Class-level hooks:
+    - ``supervised``: which targets and student. True (every baseline): a classifier student
+      trained on labels from a frozen classifier teacher (``--teacher-classifier``). False
+      (H-GKD): a sparse student against MIM teacher tokens, from ``--cache`` or a live
+      ``--online-teacher``.
+    - ``teacher_needs``: the :class:`NetOutputs` fields read from the teacher (empty: the
+      teacher never runs). ``branch_logits`` are teacher-side modules: the auxiliary branches
+      a classifier teacher carries when trained with ``hgkd-distill teacher --branches``.
+    - ``config_options``: :class:`DistillConfig` fields passed to the factory as keyword
+      options (``--method-opt`` overrides them), for recipes with their own CLI options.
+    - :meth:`prefill_size` / :meth:`prefill`: how many pooled teacher embeddings the method
+      takes before step one (a queue pre-fill; 0: none) and where they go.
+
+    Supervised methods add ``ce_weight * CE(student logits, y)`` and, with ``kd_weight > 0``,
+    Hinton's KD term (e.g. ICD+KD, CRD+KD) through :meth:`supervised_terms`.
     """
 
     supervised: ClassVar[bool] = True
     teacher_needs: ClassVar[frozenset[str]] = frozenset({"logits"})
+    config_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: MethodContext, ce_weight: float = 1.0, kd_weight: float = 0.0,
                  kd_temperature: float = 4.0) -> None:
         super().__init__()
         self.ctx = ctx
         self.ce_weight, self.kd_weight, self.kd_temperature = ce_weight, kd_weight, kd_temperature
+
+    def prefill_size(self) -> int:
+        """Pooled teacher embeddings wanted before step one (0: no pre-fill)."""
+        return 0
+
+    def prefill(self, pooled_bd: Tensor) -> None:
+        """Take the pre-fill embeddings (called once, on a new run, when :meth:`prefill_size` > 0)."""
 
     def prepare(self, images_bchw: Tensor, labels_b: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Turn a batch into what teacher and student see (HSAKD: four rotations)."""
@@ -128,8 +148,14 @@ def create_method(name: str, ctx: MethodContext, **options: Any) -> DistillMetho
 
 
 def method_class(name: str) -> type[DistillMethod]:
-    """The registered class (to read ``supervised``/``teacher_needs`` before building it)."""
+    """The registered class (to read its class-level hooks before building it)."""
     return METHODS.get(name)  # type: ignore[return-value]
+
+
+def method_options(name: str, config: Any, method_opts: dict[str, Any]) -> dict[str, Any]:
+    """Keyword options of method ``name``: its ``config_options`` read from ``config`` (a
+    :class:`DistillConfig`), then ``method_opts`` (``--method-opt``) over them."""
+    return {**{key: getattr(config, key) for key in method_class(name).config_options}, **method_opts}
 
 
 def match_size(feat_bchw: Tensor, size_hw: tuple[int, int]) -> Tensor:

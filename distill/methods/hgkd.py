@@ -21,12 +21,17 @@ class HGKD(DistillMethod):
 
     supervised = False
     teacher_needs = frozenset({"tokens", "valid", "pooled"})
+    config_options = ("similarity", "queue_size", "tau", "sim_weight")  # --no-similarity, --queue-size, ...
 
     def __init__(self, ctx: MethodContext, similarity: bool = True, queue_size: int = 50_000,
                  tau: float = 0.009, sim_weight: float = 1.0) -> None:
         super().__init__(ctx, ce_weight=0.0)
         self.similarity, self.tau, self.sim_weight = similarity, tau, sim_weight
         self.queue = MemoryQueue(queue_size, ctx.teacher.embed_dim)
+
+    def prefill_size(self) -> int:
+        """A full queue of cached embeddings before step one (method notes); none without L_sim."""
+        return self.queue.length if self.similarity else 0
 
     def prefill(self, pooled_bd: Tensor) -> None:
         """Fill the queue from cached pooled embeddings before step one (method notes)."""
