@@ -14,7 +14,8 @@ from typing import Any
 
 _HOMES = {"LabelledSet": "data", "load_labelled": "data", "load_train_test": "data", "split": "data",
           "finetune": "finetune", "load_student": "models", "extract_features": "probe", "knn_eval": "probe",
-          "linear_probe": "probe", "TASKS": "tasks", "run_task": "tasks"}
+          "linear_probe": "probe", "TASKS": "registry", "get_task": "registry", "run_task": "tasks",
+          "frozen_features": "features", "FeatureRows": "features"}
 
 __all__ = sorted(_HOMES)
 

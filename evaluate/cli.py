@@ -4,7 +4,8 @@
     hgkd-evaluate linear   --model runs/hgkd-r50 --train imagefolder/ --head mlp --out mlp.json
     hgkd-evaluate finetune --model scratch:resnet50 --train data.tar --test-fraction 0.2 --epochs 5 --out ft.json
 
-Each command writes one JSON record and prints one summary line.
+Each command writes one JSON record and prints one summary line. Images are read and decoded
+batch by batch (``--workers``); kNN and probes train from a feature cache (``--features-dir``).
 """
 from __future__ import annotations
 
@@ -41,7 +42,13 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=0.875, show_default=True,
                      help="Eval transform: resize shorter side to img_size/crop_pct, center-crop img_size."),
         click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True),
-        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="DataLoader worker processes that read and decode images."),
+        click.option("--features-dir", type=click.Path(file_okay=False),
+                     help="Keep frozen features here (Zarr feature cache), reused by later kNN/probe runs of the "
+                          "same model, data and view recipe; default: a temporary folder."),
+        click.option("--memory-mb", type=click.FloatRange(0, min_open=True), default=2048, show_default=True,
+                     help="Probes and kNN load at most this much of the feature cache at once."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True),
         click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results JSON file."),

@@ -11,6 +11,12 @@
 * ``knn_eval``: cosine-similarity kNN with temperature-weighted votes, ``exp(sim / T)``
   (Wu et al. 2018 InstDisc, Eq. 8; DINO's ``eval_knn``: k=20, T=0.07).
 
+Features are a tensor or ``FeatureRows`` of a feature cache (``hgkd.evaluate.features``). A
+probe loads them when N x D float32 fits ``memory_mb`` (then the epoch order is one
+``randperm`` over all rows); otherwise every epoch reads the cache in shuffled blocks of
+``BLOCK_ROWS`` rows, a buffer of ``memory_mb`` at a time, shuffled within. kNN scans the train
+features block by block, keeping each test sample's running top-k.
+
 Accuracies are percentages. Labels may be any integers: the classes are the distinct training
 labels; a test label never seen in training counts as wrong. ``top5`` is top-min(5, C) when
 there are fewer than 5 classes (``top5_k`` says which).
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -29,10 +36,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import HgkdError
 from .data import LabelledSet
+from .features import Features, feature_blocks, in_memory, model_device, pooled_features
 
 log = logging.getLogger(__name__)
 
 HEADS = ("mlp", "linear")
+BLOCK_ROWS = 4096  # rows read from a feature cache at once
+MEMORY_MB = 2048.0  # features up to this size are loaded whole
 
 
 @contextmanager
@@ -41,10 +51,6 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def batches(images: Tensor | Dataset | LabelledSet, batch_size: int, workers: int = 0) -> Iterator[Tensor]:
@@ -57,16 +63,10 @@ def batches(images: Tensor | Dataset | LabelledSet, batch_size: int, workers: in
         yield batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def pooled_features(model: nn.Module, x_bchw: Tensor) -> Tensor:
-    """Global-average-pooled penultimate features (B, D) of a timm model."""
-    if hasattr(model, "forward_head"):
-        return model.forward_head(model.forward_features(x_bchw), pre_logits=True)
-    return model(x_bchw)
-
-
 def extract_features(model: nn.Module, images: Tensor | Dataset | LabelledSet, batch_size: int = 64,
                      workers: int = 0) -> Tensor:
-    """Features (N, D) float32 on CPU, in the images' order; the model runs on its own device."""
+    """Features (N, D) float32 on CPU, in the images' order; the model runs on its own device.
+    (Held in memory: small sets and tests. Evaluations go through ``features.frozen_features``.)"""
     device, was_training = model_device(model), model.training
     model.eval()
     feats = []
@@ -123,62 +123,122 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def linear_probe(train_feats: Tensor, train_y: Tensor, test_feats: Tensor, test_y: Tensor, head: str = "mlp",
+def linear_probe(train_feats: Features, train_y: Tensor, test_feats: Features, test_y: Tensor, head: str = "mlp",
                  epochs: int = 100, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256,
-                 hidden: int | None = None, seed: int = 0, device: torch.device | str = "cpu") -> dict:
+                 hidden: int | None = None, seed: int = 0, device: torch.device | str = "cpu",
+                 memory_mb: float = MEMORY_MB) -> dict:
     """Train ``head`` on frozen features with cross-entropy (AdamW); test accuracy after the last epoch."""
     train_i, test_i, classes = class_index(train_y, test_y)
     if len(classes) < 2 or epochs < 1:
         raise HgkdError(f"a probe needs 2+ classes in the training labels (got {len(classes)}) and epochs >= 1")
-    x_train, y_train = train_feats.float().to(device), train_i.to(device)
-    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    x_train = in_memory(train_feats, memory_mb)
+    if isinstance(x_train, Tensor):
+        x_train = x_train.float().to(device)
+    n_train, dim = len(x_train), _dim(x_train)
+    y_train = train_i.to(device)
+    buffer_rows = max(batch_size, int(memory_mb * 2**20 // (4 * dim)))
+    start = time.perf_counter()
     with seeded(seed):
-        model = ProbeHead(x_train.shape[1], len(classes), head, hidden).to(device)
+        model = ProbeHead(dim, len(classes), head, hidden).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        schedule = cosine_schedule(optimizer, epochs * steps_per_epoch)
+        schedule = cosine_schedule(optimizer, epochs * math.ceil(n_train / batch_size))
         order_rng = torch.Generator().manual_seed(seed)
         for epoch in range(epochs):
             model.train()
-            for idx in torch.randperm(len(x_train), generator=order_rng).split(batch_size):
-                if len(idx) < 2 and len(x_train) > 1:  # BatchNorm cannot standardise one sample
+            for x, y in epoch_batches(x_train, y_train, batch_size, order_rng, buffer_rows):
+                if len(y) < 2 and n_train > 1:  # BatchNorm cannot standardise one sample
                     continue
-                loss = F.cross_entropy(model(x_train[idx.to(device)]), y_train[idx.to(device)])
+                loss = F.cross_entropy(model(x.to(device)), y.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
             log.debug("probe epoch %d loss %.4f", epoch, loss.item())
+    train_seconds = time.perf_counter() - start
     model.eval()
-    with torch.no_grad():
-        train_acc = topk_accuracy(model(x_train).cpu(), train_i)
-        result = topk_accuracy(model(test_feats.float().to(device)).cpu(), test_i)
+    train_acc = topk_accuracy(predict(model, x_train, device), train_i)
+    result = topk_accuracy(predict(model, in_memory(test_feats, memory_mb), device), test_i)
     return {**result, "train_top1": train_acc["top1"], "final_loss": loss.item(), "n_classes": len(classes),
-            "n_train": len(train_feats), "n_test": len(test_feats), "feature_dim": int(train_feats.shape[1]),
-            "head": head, "hidden": (hidden or int(train_feats.shape[1])) if head == "mlp" else None,
+            "n_train": n_train, "n_test": len(test_feats), "feature_dim": dim,
+            "head": head, "hidden": (hidden or dim) if head == "mlp" else None,
             "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-            "optimizer": "adamw"}
+            "optimizer": "adamw", "train_seconds": train_seconds}
 
 
-def knn_votes(train_feats: Tensor, train_i: Tensor, test_feats: Tensor, num_classes: int, k: int = 20,
-              temperature: float = 0.07, chunk: int = 256) -> Tensor:
-    """Class votes (N_test, C): sum of exp(cos / T) over each test sample's k most similar train samples."""
-    train_n = F.normalize(train_feats.float(), dim=1)
-    k = min(k, len(train_n))
+def _dim(features: Features) -> int:
+    return int(features.shape[1]) if isinstance(features, Tensor) else features.dim
+
+
+def epoch_batches(features: Features, labels: Tensor, batch_size: int, order_rng: torch.Generator,
+                  buffer_rows: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """One epoch's shuffled (features, labels) batches.
+
+    In memory: one ``randperm`` over all rows. From the cache: the blocks of ``BLOCK_ROWS`` rows
+    in random order, loaded ``buffer_rows`` at a time and shuffled within the buffer; the rows
+    left over from a buffer start the next one, so every batch but the last is full."""
+    if isinstance(features, Tensor):
+        for idx in torch.randperm(len(features), generator=order_rng).split(batch_size):
+            idx = idx.to(features.device)
+            yield features[idx], labels[idx]
+        return
+    starts = range(0, len(features), BLOCK_ROWS)
+    order = [starts[i] for i in torch.randperm(len(starts), generator=order_rng).tolist()]
+    per_buffer = max(1, buffer_rows // BLOCK_ROWS)
+    labels = labels.cpu()
+    carry_x, carry_y = torch.zeros(0, features.dim), torch.zeros(0, dtype=labels.dtype)
+    for b in range(0, len(order), per_buffer):
+        parts = order[b:b + per_buffer]
+        x = torch.cat([carry_x] + [features.part(lo, lo + BLOCK_ROWS) for lo in parts])
+        y = torch.cat([carry_y] + [labels[lo:lo + BLOCK_ROWS] for lo in parts])
+        perm = torch.randperm(len(x), generator=order_rng)
+        full = len(x) // batch_size * batch_size
+        for idx in perm[:full].split(batch_size):
+            yield x[idx], y[idx]
+        carry_x, carry_y = x[perm[full:]], y[perm[full:]]
+    if len(carry_y):
+        yield carry_x, carry_y
+
+
+def predict(model: nn.Module, features: Features, device: torch.device | str) -> Tensor:
+    """Scores (N, C) on CPU of an eval-mode head, block by block."""
+    with torch.no_grad():
+        return torch.cat([model(x.float().to(device)).cpu() for _, x in feature_blocks(features, BLOCK_ROWS)])
+
+
+def knn_votes(train_feats: Features, train_i: Tensor, test_feats: Features, num_classes: int, k: int = 20,
+              temperature: float = 0.07, chunk: int = 256, bank_rows: int = 65536) -> Tensor:
+    """Class votes (N_test, C): sum of exp(cos / T) over each test sample's k most similar train samples.
+
+    The train features are scanned ``bank_rows`` at a time (from memory or the cache); each
+    test sample keeps its running top-k similarities and their labels."""
+    k = min(k, len(train_feats))
     votes = []
-    for test_chunk in F.normalize(test_feats.float(), dim=1).split(chunk):
-        sim, nearest = (test_chunk @ train_n.T).topk(k, dim=1)
-        weights = (sim / temperature).exp()
-        votes.append(torch.zeros(len(test_chunk), num_classes).scatter_add_(1, train_i[nearest], weights))
+    for _, test_block in feature_blocks(test_feats, bank_rows):
+        test_n = F.normalize(test_block, dim=1)
+        best_sim = torch.full((len(test_n), k), -math.inf)
+        best_lab = torch.zeros(len(test_n), k, dtype=torch.long)
+        for lo, train_block in feature_blocks(train_feats, bank_rows):
+            train_n = F.normalize(train_block, dim=1)
+            block_i = train_i[lo:lo + len(train_n)]
+            for q in range(0, len(test_n), chunk):
+                sim = torch.cat([best_sim[q:q + chunk], test_n[q:q + chunk] @ train_n.T], dim=1)
+                lab = torch.cat([best_lab[q:q + chunk], block_i.expand(len(sim), -1)], dim=1)
+                top_sim, pos = sim.topk(k, dim=1)
+                best_sim[q:q + chunk], best_lab[q:q + chunk] = top_sim, lab.gather(1, pos)
+        weights = (best_sim / temperature).exp()
+        votes.append(torch.zeros(len(test_n), num_classes).scatter_add_(1, best_lab, weights))
     return torch.cat(votes)
 
 
-def knn_eval(train_feats: Tensor, train_y: Tensor, test_feats: Tensor, test_y: Tensor, k: int = 20,
+def knn_eval(train_feats: Features, train_y: Tensor, test_feats: Features, test_y: Tensor, k: int = 20,
              temperature: float = 0.07) -> dict:
     """Weighted kNN accuracy (top-1, top-5) of the test features against the train features."""
     if k < 1 or temperature <= 0:
         raise HgkdError(f"--k {k} must be >= 1 and --temperature {temperature} > 0")
     train_i, test_i, classes = class_index(train_y, test_y)
-    votes = knn_votes(train_feats.cpu(), train_i.cpu(), test_feats.cpu(), len(classes), k, temperature)
+    train_feats = train_feats.cpu() if isinstance(train_feats, Tensor) else train_feats
+    test_feats = test_feats.cpu() if isinstance(test_feats, Tensor) else test_feats
+    votes = knn_votes(train_feats, train_i.cpu(), test_feats, len(classes), k, temperature)
     return {**topk_accuracy(votes, test_i), "n_classes": len(classes), "n_train": len(train_feats),
-            "n_test": len(test_feats), "feature_dim": int(train_feats.shape[1]), "k": min(k, len(train_feats)),
+            "n_test": len(test_feats), "feature_dim": _dim(train_feats), "k": min(k, len(train_feats)),
             "temperature": temperature}

@@ -1,18 +1,26 @@
-"""The pipeline's evaluation stage: ``hgkd.evaluate.run_task`` with the labelled sets loaded once."""
+"""The pipeline's evaluation stage: ``hgkd.evaluate.run_task`` with the labelled sets indexed once.
+
+The sets are indexed, not decoded (``load_labelled(check=False)``); features go to the spec's
+``features_dir`` (``<out>/features``), so kNN and the probes of one student share one pass
+over the images.
+"""
 from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
 
-from ..evaluate import LabelledSet, load_train_test, run_task
+from ..evaluate import LabelledSet, load_labelled, run_task
 from .spec import EvalSpec
 
 
-@lru_cache(maxsize=2)
-def _sets(train: tuple[str, ...], test: tuple[str, ...], img_size: int, test_fraction: float) -> tuple[LabelledSet, LabelledSet]:
-    return load_train_test(list(train), list(test) or None, img_size=img_size, test_fraction=test_fraction)
+@lru_cache(maxsize=4)
+def _labelled(data: tuple[str, ...], img_size: int, option: str) -> LabelledSet:
+    return load_labelled(list(data), img_size=img_size, option=option, check=False)
 
 
 def evaluate_task(task: str, model: str, spec: EvalSpec) -> dict[str, Any]:
-    train, test = _sets(tuple(spec.train), tuple(spec.test), spec.img_size, spec.test_fraction)
-    return run_task(task, model, train, test, img_size=spec.img_size, **spec.options.get(task, {}))
+    train = _labelled(tuple(spec.train), spec.img_size, "--train")
+    test = _labelled(tuple(spec.test), spec.img_size, "--test") if spec.test else None
+    return run_task(task, model, train, test, img_size=spec.img_size, test_fraction=spec.test_fraction,
+                    features_dir=spec.features_dir, workers=spec.workers, memory_mb=spec.memory_mb,
+                    **spec.options.get(task, {}))

@@ -50,8 +50,8 @@ import yaml
 
 from ..config import load_mapping, unknown_keys
 from ..errors import HgkdError
+from ..evaluate.registry import TASKS as EVAL_TASKS
 
-EVAL_TASKS = ("knn", "linear", "mlp", "finetune")
 DEFAULT_CACHE = "default"  # the name of a pipeline's single ``cache``
 TEACHER_KEYS = ("name", "checkpoint", "img_size", "pretrain_mae", "random_init")
 
@@ -64,6 +64,21 @@ class EvalSpec:
     tasks: list[str] = field(default_factory=lambda: ["knn", "mlp"])
     img_size: int = 224
     options: dict[str, Any] = field(default_factory=dict)  # per-task options, e.g. {finetune: {epochs: 5}}
+    features_dir: str | None = None  # the frozen-feature cache; default <out>/features
+    workers: int = 0  # DataLoader workers decoding images
+    memory_mb: float = 2048  # probes and kNN load at most this much of the feature cache
+
+    def check(self, source: str) -> None:
+        """Tasks and their options against ``hgkd.evaluate``'s task registry."""
+        names = EVAL_TASKS.names()
+        bad = [t for t in [*self.tasks, *self.options] if t not in EVAL_TASKS]
+        if bad:
+            raise HgkdError(f"{source}: unknown eval tasks {bad}; choose from {names}")
+        for task, opts in self.options.items():
+            unknown = sorted(set(opts or {}) - EVAL_TASKS.get(task).options)
+            if unknown:
+                raise HgkdError(f"{source}: eval options of {task}: unknown {unknown}; "
+                                f"it takes {sorted(EVAL_TASKS.get(task).options)}")
 
 
 @dataclass
@@ -86,9 +101,9 @@ class PipelineSpec:
         names = [v.get("name") for v in self.variants]
         if not names or not all(names) or len(set(names)) != len(names):
             raise HgkdError(f"{self.source}: every variant needs a unique 'name' (got {names})")
-        bad = [t for t in self.eval.tasks if t not in EVAL_TASKS]
-        if bad:
-            raise HgkdError(f"{self.source}: unknown eval tasks {bad}; choose from {list(EVAL_TASKS)}")
+        self.eval.check(self.source)
+        if self.eval.features_dir is None:
+            self.eval.features_dir = str(Path(self.out) / "features")
         if "name" not in self.teacher:
             raise HgkdError(f"{self.source}: 'teacher' needs a 'name' (a registered teacher)")
         self._check_teacher()

@@ -1,0 +1,150 @@
+"""`FeatureStore`: frozen features of one model on one data set (the evaluation's feature cache).
+
+A Zarr v3 group with three row arrays, one row per labelled sample of the source:
+
+* ``features`` (N, D) float32, stored in shards of ``shard_rows`` rows (Zarr's sharding codec,
+  inner chunks of ``chunk_rows`` rows, lz4 + crc32c as the teacher cache);
+* ``index`` (N,) int64: the sample's position in the source;
+* ``status`` (N,) uint8: 0 not written, 1 ok, 2 undecodable image (its features are zeros).
+
+A writer fills whole shards and records each one in ``shards/<i>`` after its arrays (as
+``cache.py`` does); the root's ``status`` turns ``complete`` only after the last record. So an
+interrupted extraction resumes at the first unrecorded shard, and :meth:`FeatureStore.open`
+refuses a store that is not complete: a half-written cache never reads as valid. The store
+knows rows and numbers only; what the rows mean (model, data, view recipe) is the caller's
+``meta``, compared on every open.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from ..errors import HgkdError
+from .codecs import CodecSpec
+
+FORMAT = "hgkd-feature-cache"
+FORMAT_VERSION = 1
+ATTR = "hgkd"
+SHARDS_GROUP = "shards"
+STATUS_MISSING, STATUS_OK, STATUS_UNDECODABLE = 0, 1, 2
+
+
+class FeatureStore:
+    """Rows of frozen features, written shard by shard, readable in contiguous blocks."""
+
+    def __init__(self, group: zarr.Group, url: str) -> None:
+        blob = group.attrs.get(ATTR)
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise HgkdError(f"{url}: a Zarr group but not an hgkd feature cache (no '{ATTR}' metadata)")
+        self.group, self.url, self.blob = group, url, blob
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def create_or_resume(cls, url: str, meta: dict[str, Any], index: np.ndarray, dim: Callable[[], int],
+                         shard_rows: int = 4096, chunk_rows: int = 256) -> "FeatureStore":
+        """The store at ``url`` for ``meta``: resumed when it holds the same rows, else created
+        (``dim()`` gives the feature width; called only then)."""
+        if cls.exists(url):
+            store = cls(zarr.open_group(url, mode="a"), url)
+            if store.meta != meta or not np.array_equal(store.index(), index):
+                raise HgkdError(f"{url}: feature cache made for other settings; delete it or give another "
+                                "--features-dir")
+            return store
+        if shard_rows % chunk_rows:
+            raise ValueError("shard_rows must be a multiple of chunk_rows")
+        n, dim = len(index), int(dim())
+        root = zarr.open_group(url, mode="w")
+        crc = [Crc32cCodec()]
+        root.create_array("features", shape=(n, dim), dtype="float32", chunks=(chunk_rows, dim),
+                          shards=(shard_rows, dim), compressors=CodecSpec(compressor="lz4").compressors(4))
+        root.create_array("index", data=np.asarray(index, np.int64), chunks=(shard_rows,), compressors=crc)
+        root.create_array("status", shape=(n,), dtype="uint8", chunks=(shard_rows,), fill_value=STATUS_MISSING,
+                          compressors=crc)
+        root.create_group(SHARDS_GROUP)
+        root.attrs[ATTR] = {"format": FORMAT, "format_version": FORMAT_VERSION, "status": "incomplete",
+                            "meta": meta, "num_rows": n, "dim": dim, "shard_rows": shard_rows}  # last
+        return cls(root, url)
+
+    @classmethod
+    def open(cls, url: str) -> "FeatureStore":
+        """A complete store for reading; one line when there is none or it is incomplete."""
+        if not cls.exists(url):
+            raise HgkdError(f"{url}: no hgkd feature cache there")
+        store = cls(zarr.open_group(url, mode="r"), url)
+        if not store.is_complete:
+            raise HgkdError(f"{url}: feature cache is incomplete ({len(store.pending_shards())} of "
+                            f"{store.num_shards} shards missing); run the evaluation again to finish it")
+        return store
+
+    @staticmethod
+    def exists(url: str) -> bool:
+        try:
+            group = zarr.open_group(url, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            return False
+        return ATTR in group.attrs
+
+    # ---- geometry -----------------------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.blob["meta"]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.blob["num_rows"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.blob["dim"])
+
+    @property
+    def shard_rows(self) -> int:
+        return int(self.blob["shard_rows"])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_rows // self.shard_rows)
+
+    @property
+    def is_complete(self) -> bool:
+        return self.blob.get("status") == "complete"
+
+    def rows_of_shard(self, shard: int) -> range:
+        return range(shard * self.shard_rows, min((shard + 1) * self.shard_rows, self.num_rows))
+
+    def pending_shards(self) -> list[int]:
+        done = {int(name) for name in self.group[SHARDS_GROUP].group_keys()}
+        return [s for s in range(self.num_shards) if s not in done]
+
+    # ---- writing ------------------------------------------------------------------------
+    def write_shard(self, shard: int, features_nd: np.ndarray, status_n: np.ndarray) -> None:
+        """Both arrays of one whole shard, then its completion record."""
+        rows = self.rows_of_shard(shard)
+        if features_nd.shape != (len(rows), self.dim) or status_n.shape != (len(rows),):
+            raise ValueError(f"shard {shard}: expected {len(rows)} rows of {self.dim} features")
+        self.group["features"][rows.start:rows.stop] = features_nd.astype(np.float32, copy=False)
+        self.group["status"][rows.start:rows.stop] = status_n.astype(np.uint8, copy=False)
+        self.group[SHARDS_GROUP].create_group(f"{shard:06d}", attributes={"rows": [rows.start, rows.stop]},
+                                              overwrite=True)
+
+    def finalize(self) -> None:
+        """Mark the store complete; refuses while a shard is unrecorded."""
+        pending = self.pending_shards()
+        if pending:
+            raise HgkdError(f"{self.url}: shards {pending[:5]} are not written; the feature cache stays incomplete")
+        self.blob = {**self.blob, "status": "complete"}
+        self.group.attrs[ATTR] = self.blob
+
+    # ---- reading ------------------------------------------------------------------------
+    def index(self) -> np.ndarray:
+        return self.group["index"][:]
+
+    def status(self) -> np.ndarray:
+        return self.group["status"][:]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Features of rows ``start .. stop - 1`` (float32)."""
+        return self.group["features"][start:stop]
