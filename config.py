@@ -2,6 +2,7 @@
 check of its values against the dataclass they configure."""
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from pathlib import Path
@@ -117,3 +118,14 @@ def unknown_keys(keys: list[str] | set[str], known: list[str] | tuple[str, ...] 
         close = difflib.get_close_matches(str(key), list(known), n=1)
         parts.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     return f"unknown key{'s' if len(parts) > 1 else ''} {', '.join(parts)}; known: {', '.join(sorted(known))}"
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (a factory's fresh value): CLI options
+    read their defaults here, so each default is written once, on its config dataclass."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise ValueError(f"{cls.__name__}.{name} has no default")

@@ -4,14 +4,15 @@ H-GKD feeds the student exactly the masked view the teacher saw (method notes, "
 masks"): ViT features are not crop/flip-equivariant, so the crop box, the flip and the patch
 mask are drawn once, deterministically from ``(seed, sample key, view index)``, stored with
 the teacher output, and re-applied to the source image in stage two (``render_view``).
-This module is the one place both stages import for that.
+This module is the one place both stages import for that; the recipe itself,
+:class:`ViewConfig`, lives torch-free in ``view_config.py`` (its defaults feed ``--help``).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,49 +20,7 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import HgkdError
-
-GRANULARITIES = (16, 32)
-
-
-@dataclass(frozen=True)
-class ViewConfig:
-    """How views are drawn (RandomResizedCrop + flip + mask; MAE/SparK-style defaults)."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    scale: tuple[float, float] = (0.2, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    interpolation: str = "bicubic"
-    mask_ratio: float = 0.6
-    mask_granularity: int = 16  # 16: teacher patches; 32: SparK-style, same holes at every CNN scale
-    teacher_view: str = "masked"  # "masked" or "full" (teacher sees the unmasked view)
-    seed: int = 0
-    views_per_image: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise HgkdError(f"--mask-ratio {self.mask_ratio} must be in [0, 1)")
-        if self.mask_granularity not in GRANULARITIES or self.mask_granularity % self.patch_size:
-            raise HgkdError(f"--mask-granularity {self.mask_granularity} must be 16 or 32 and a multiple of the patch size")
-        if self.img_size % self.mask_granularity:
-            raise HgkdError(f"--img-size {self.img_size} must be a multiple of --mask-granularity {self.mask_granularity}")
-        if self.teacher_view not in ("masked", "full"):
-            raise HgkdError(f"--teacher-view {self.teacher_view!r} must be 'masked' or 'full'")
-        if self.views_per_image < 1:
-            raise HgkdError("--views-per-image must be at least 1")
-
-    @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
-
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, blob: dict) -> "ViewConfig":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in blob.items()})
+from .view_config import ViewConfig
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import click
@@ -9,9 +10,14 @@ from click.core import ParameterSource
 
 import yaml
 
+from ..config import default_of
+from ..data.view_config import GRANULARITIES, TEACHER_VIEWS
 from ..errors import HgkdError, user_errors
 from ..registry import METHOD_NAMES, STUDENT_NAMES, TEACHER_NAMES
-from .config import SPARSE_BACKENDS, STUDENT_MASKS, DistillConfig, load_yaml
+from .config import SPARSE_BACKENDS, STUDENT_MASKS, DistillConfig, TeacherConfig, load_yaml
+
+# Option defaults are read from the config dataclasses (one home per default, issue 14).
+RUN, TEACHER = partial(default_of, DistillConfig), partial(default_of, TeacherConfig)
 
 
 def parse_method_opts(items: tuple[str, ...]) -> dict:
@@ -37,50 +43,51 @@ def main(verbose: bool) -> None:
 @click.option("--cache", help="Teacher cache written by 'hgkd-extract run'.")
 @click.option("--data", multiple=True, help="The data the cache was made from (same shards/folder).")
 @click.option("--out", help="Run directory (checkpoints, metrics, config).")
-@click.option("--method", type=click.Choice(METHOD_NAMES), default=DistillConfig.method, show_default=True,
+@click.option("--method", type=click.Choice(METHOD_NAMES), default=RUN("method"), show_default=True,
               help="Distillation method; all but hgkd are supervised baselines needing --teacher-classifier.")
 @click.option("--method-opt", "method_opts", multiple=True, metavar="KEY=VALUE",
               help="A hyper-parameter of --method (repeatable), e.g. kd_weight=1 for ICD+KD.")
 @click.option("--teacher-classifier", type=click.Path(dir_okay=False),
               help="Baselines: classifier teacher written by 'hgkd-distill teacher'.")
-@click.option("--optimizer", default="lamb", show_default=True, help="timm optimizer name.")
-@click.option("--views-per-image", type=int, default=0, show_default=True,
+@click.option("--optimizer", default=RUN("optimizer"), show_default=True, help="timm optimizer name.")
+@click.option("--views-per-image", type=int, default=RUN("views_per_image"), show_default=True,
               help="Baselines: views cycled over epochs (0: a fresh view every epoch).")
-@click.option("--student", type=click.Choice(STUDENT_NAMES), default="resnet50", show_default=True)
-@click.option("--sparse-backend", type=click.Choice(SPARSE_BACKENDS), default="minkowski", show_default=True)
-@click.option("--sparse/--no-sparse", default=True, show_default=True, help="Ablation: sparse vs ordinary convs.")
-@click.option("--unet/--no-unet", default=True, show_default=True, help="Ablation: UNet decoder vs plain head.")
-@click.option("--similarity/--no-similarity", default=True, show_default=True, help="Ablation: with/without L_sim.")
-@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--student", type=click.Choice(STUDENT_NAMES), default=RUN("student"), show_default=True)
+@click.option("--sparse-backend", type=click.Choice(SPARSE_BACKENDS), default=RUN("sparse_backend"), show_default=True)
+@click.option("--sparse/--no-sparse", default=RUN("sparse"), show_default=True, help="Ablation: sparse vs ordinary convs.")
+@click.option("--unet/--no-unet", default=RUN("unet"), show_default=True, help="Ablation: UNet decoder vs plain head.")
+@click.option("--similarity/--no-similarity", default=RUN("similarity"), show_default=True, help="Ablation: with/without L_sim.")
+@click.option("--epochs", type=int, default=RUN("epochs"), show_default=True)
 @click.option("--warmup-epochs", type=int,
               help="Default: the paper's 40, scaled to 40/100 of --epochs (with a warning) when that exceeds them.")
-@click.option("--batch-size", type=int, default=1024, show_default=True, help="Global batch size.")
-@click.option("--lr", type=float, default=8e-4, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--clip-grad", type=float, default=5.0, show_default=True)
-@click.option("--queue-size", type=int, default=50_000, show_default=True)
-@click.option("--tau", type=float, default=0.009, show_default=True)
-@click.option("--sim-weight", type=float, default=1.0, show_default=True)
-@click.option("--decoder-width", type=int, default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: epoch ends).")
+@click.option("--batch-size", type=int, default=RUN("batch_size"), show_default=True, help="Global batch size.")
+@click.option("--lr", type=float, default=RUN("lr"), show_default=True)
+@click.option("--weight-decay", type=float, default=RUN("weight_decay"), show_default=True)
+@click.option("--clip-grad", type=float, default=RUN("clip_grad"), show_default=True)
+@click.option("--queue-size", type=int, default=RUN("queue_size"), show_default=True)
+@click.option("--tau", type=float, default=RUN("tau"), show_default=True)
+@click.option("--sim-weight", type=float, default=RUN("sim_weight"), show_default=True)
+@click.option("--decoder-width", type=int, default=RUN("decoder_width"), show_default=True)
+@click.option("--seed", type=int, default=RUN("seed"), show_default=True)
+@click.option("--workers", type=int, default=RUN("workers"), show_default=True)
+@click.option("--device", default=RUN("device"), show_default=True)
+@click.option("--checkpoint-every", type=int, default=RUN("checkpoint_every"), show_default=True, help="Steps between checkpoints (0: epoch ends).")
 @click.option("--online-teacher", metavar="NAME",
               help=f"Run this teacher on every batch instead of reading --cache: {', '.join(TEACHER_NAMES)}.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), help="Checkpoint of --online-teacher.")
-@click.option("--img-size", type=int, default=224, show_default=True, help="Online teacher only (a cache records its own).")
-@click.option("--mask-ratio", type=float, default=0.6, show_default=True, help="Online teacher only.")
-@click.option("--mask-granularity", type=click.Choice(["16", "32"]), default="16", show_default=True,
-              help="Online teacher only.")
-@click.option("--teacher-view", type=click.Choice(["masked", "full"]), default="masked", show_default=True,
+@click.option("--img-size", type=int, default=RUN("img_size"), show_default=True,
+              help="Online teacher only (a cache records its own).")
+@click.option("--mask-ratio", type=float, default=RUN("mask_ratio"), show_default=True, help="Online teacher only.")
+@click.option("--mask-granularity", type=click.Choice([str(g) for g in GRANULARITIES]),
+              default=str(RUN("mask_granularity")), show_default=True, help="Online teacher only.")
+@click.option("--teacher-view", type=click.Choice(TEACHER_VIEWS), default=RUN("teacher_view"), show_default=True,
               help="Online teacher only: 'full' shows the teacher the unmasked view.")
-@click.option("--online-views", type=int, default=0, show_default=True,
+@click.option("--online-views", type=int, default=RUN("online_views"), show_default=True,
               help="Online teacher: views cycled over epochs (view e mod K, as a K-view cache); 0: a fresh view "
                    "every epoch.")
-@click.option("--cache-views", type=int, default=0, show_default=True,
+@click.option("--cache-views", type=int, default=RUN("cache_views"), show_default=True,
               help="Use views 0..K-1 of the cache (epoch e shows view e mod K); 0: every view it holds.")
-@click.option("--student-mask", type=click.Choice(STUDENT_MASKS), default="cached", show_default=True,
+@click.option("--student-mask", type=click.Choice(STUDENT_MASKS), default=RUN("student_mask"), show_default=True,
               help="'fresh': a new student mask every epoch (needs full-view teacher targets).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @user_errors
@@ -116,24 +123,24 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
 @click.option("--arch", required=True, metavar="NAME",
               help=f"A student encoder ({', '.join(STUDENT_NAMES)}) or a ViT teacher ({', '.join(TEACHER_NAMES)}).")
 @click.option("--init-checkpoint", type=click.Path(dir_okay=False), help="ViT: start from this MIM checkpoint.")
-@click.option("--num-classes", type=int, default=0, show_default=True, help="0: largest label + 1.")
-@click.option("--img-size", type=int, default=224, show_default=True)
-@click.option("--branches/--no-branches", default=False, show_default=True,
+@click.option("--num-classes", type=int, default=TEACHER("num_classes"), show_default=True, help="0: largest label + 1.")
+@click.option("--img-size", type=int, default=TEACHER("img_size"), show_default=True)
+@click.option("--branches/--no-branches", default=TEACHER("branches"), show_default=True,
               help="HSAKD: train auxiliary rotation/joint-label branches with the teacher.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--warmup-epochs", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--optimizer", default="adamw", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--epochs", type=int, default=TEACHER("epochs"), show_default=True)
+@click.option("--warmup-epochs", type=int, default=TEACHER("warmup_epochs"), show_default=True)
+@click.option("--batch-size", type=int, default=TEACHER("batch_size"), show_default=True)
+@click.option("--lr", type=float, default=TEACHER("lr"), show_default=True)
+@click.option("--weight-decay", type=float, default=TEACHER("weight_decay"), show_default=True)
+@click.option("--optimizer", default=TEACHER("optimizer"), show_default=True)
+@click.option("--seed", type=int, default=TEACHER("seed"), show_default=True)
+@click.option("--workers", type=int, default=TEACHER("workers"), show_default=True)
+@click.option("--device", default=TEACHER("device"), show_default=True)
 @click.option("--test-data", multiple=True, help="Held-out labelled data: report the teacher's top-1.")
 @user_errors
 def teacher(**opts) -> None:
     """Train the classifier teacher of the supervised baselines (KD, ICD, HSAKD, ...)."""
-    from .teacher_train import TeacherConfig, train_teacher
+    from .teacher_train import train_teacher
 
     opts["data"], opts["test_data"] = list(opts["data"]), list(opts["test_data"])
     result = train_teacher(TeacherConfig(**opts))

@@ -1,7 +1,10 @@
-"""Configuration of a distillation run: the paper's recipe as defaults (H-GKD Sec. 4.1).
+"""Configuration of a distillation run: the paper's recipe as defaults (H-GKD Sec. 4.1), and
+of the classifier teacher the supervised baselines distil from.
 
 Loaded from an optional YAML file, then overridden by explicitly given CLI options; the
-resolved config is written to the run directory and into every checkpoint.
+resolved config is written to the run directory and into every checkpoint. Torch-free: the
+CLI options read their defaults from these dataclasses (``hgkd.config.default_of``); the view
+defaults come from :class:`~hgkd.data.view_config.ViewConfig`.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from ..config import checked_values, load_mapping
+from ..config import checked_values, default_of, load_mapping
+from ..data.view_config import ViewConfig
 from ..errors import HgkdError
 from ..registry import DEFAULT_METHOD
 
@@ -59,10 +63,10 @@ class DistillConfig:
     # --online-teacher: run this registered teacher on every batch instead of reading a cache
     online_teacher: str | None = None
     teacher_checkpoint: str | None = None
-    img_size: int = 224
-    mask_ratio: float = 0.6
-    mask_granularity: int = 16
-    teacher_view: str = "masked"  # "full": the online teacher sees the unmasked view (extract's --teacher-view)
+    img_size: int = default_of(ViewConfig, "img_size")
+    mask_ratio: float = default_of(ViewConfig, "mask_ratio")
+    mask_granularity: int = default_of(ViewConfig, "mask_granularity")
+    teacher_view: str = default_of(ViewConfig, "teacher_view")  # "full": the online teacher sees the unmasked view
     online_views: int = 0  # views cycled over epochs (view e mod K); 0 = a fresh view every epoch (the paper)
     # supervised baselines: a frozen classifier teacher written by 'hgkd-distill teacher'
     teacher_classifier: str | None = None
@@ -109,6 +113,30 @@ class DistillConfig:
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+@dataclass
+class TeacherConfig:
+    """Options of ``hgkd-distill teacher``."""
+
+    data: list[str]
+    out: str
+    arch: str
+    init_checkpoint: str | None = None
+    num_classes: int = 0  # 0: largest label + 1
+    img_size: int = default_of(ViewConfig, "img_size")
+    branches: bool = False  # auxiliary branches, for methods whose teacher_needs hold branch_logits (HSAKD)
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    seed: int = 0
+    workers: int = 1
+    device: str = "auto"
+    test_data: list[str] = field(default_factory=list)  # held-out labelled data for the reported accuracy
 
 
 def default_warmup_epochs(epochs: int) -> int:

@@ -9,7 +9,7 @@ The result (weights + architecture + held-out accuracy) loads with ``weights_onl
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,32 +23,11 @@ from ..devices import resolve_device
 from ..errors import HgkdError
 from ..data.views import ViewConfig
 from .classifier import ClassifierNet, save_classifier
+from .config import TeacherConfig
 from .data import OnlineViewDataset, ViewCycleSampler, whole_batch
 from .rotation_task import joint_labels, rotate_batch, unrotated
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TeacherConfig:
-    data: list[str]
-    out: str
-    arch: str
-    init_checkpoint: str | None = None
-    num_classes: int = 0  # 0: largest label + 1
-    img_size: int = 224
-    branches: bool = False
-    epochs: int = 10
-    warmup_epochs: int = 1
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    seed: int = 0
-    workers: int = 1
-    device: str = "auto"
-    test_data: list[str] = field(default_factory=list)  # held-out labelled data for the reported accuracy
 
 
 def _loader(dataset: OnlineViewDataset, sampler: ViewCycleSampler, workers: int) -> DataLoader:

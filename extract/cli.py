@@ -4,13 +4,20 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from functools import partial
 
 import click
 
+from ..config import default_of
+from ..data.view_config import GRANULARITIES, TEACHER_VIEWS, ViewConfig
 from ..errors import user_errors
 from ..registry import COMPRESSOR_NAMES, TEACHER_NAMES, TOKEN_CODEC_NAMES
+from ..storage.codecs import CodecSpec
+from .config import PRECISIONS, ExtractConfig
 
-# torch, timm and zarr are imported inside the commands, so that --help answers at once.
+# torch, timm and zarr are imported inside the commands, so that --help answers at once. Option
+# defaults are read from the (torch-free) config dataclasses: one home per default (issue 14).
+RUN, VIEW, CODEC = partial(default_of, ExtractConfig), partial(default_of, ViewConfig), partial(default_of, CodecSpec)
 
 
 @click.group()
@@ -25,32 +32,32 @@ def main(verbose: bool) -> None:
 @click.option("--teacher", required=True, metavar="NAME", help=f"Registered teacher: {', '.join(TEACHER_NAMES)}.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Official release checkpoint (local file).")
 @click.option("--out", required=True, help="Cache path or fsspec URL (Zarr v3 group).")
-@click.option("--views-per-image", default=1, show_default=True)
-@click.option("--mask-ratio", default=0.6, show_default=True)
-@click.option("--mask-granularity", type=click.Choice(["16", "32"]), default="16", show_default=True)
-@click.option("--teacher-view", type=click.Choice(["masked", "full"]), default="masked", show_default=True)
-@click.option("--img-size", default=224, show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed of views and masks.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
-@click.option("--codec", type=click.Choice(TOKEN_CODEC_NAMES), default="int8ct", show_default=True)
-@click.option("--compressor", type=click.Choice(COMPRESSOR_NAMES), default="lz4", show_default=True)
-@click.option("--clevel", default=5, show_default=True)
-@click.option("--shard-views", default=256, show_default=True, help="Views per cache shard (one file per array).")
-@click.option("--workers", default=2, show_default=True, help="Image decoding threads.")
-@click.option("--rank", type=int, envvar="RANK", default=0, show_default=True,
+@click.option("--views-per-image", default=VIEW("views_per_image"), show_default=True)
+@click.option("--mask-ratio", default=VIEW("mask_ratio"), show_default=True)
+@click.option("--mask-granularity", type=click.Choice([str(g) for g in GRANULARITIES]),
+              default=str(VIEW("mask_granularity")), show_default=True)
+@click.option("--teacher-view", type=click.Choice(TEACHER_VIEWS), default=VIEW("teacher_view"), show_default=True)
+@click.option("--img-size", default=VIEW("img_size"), show_default=True)
+@click.option("--seed", default=VIEW("seed"), show_default=True, help="Seed of views and masks.")
+@click.option("--batch-size", default=RUN("batch_size"), show_default=True)
+@click.option("--device", default=RUN("device"), show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=RUN("precision"), show_default=True)
+@click.option("--codec", type=click.Choice(TOKEN_CODEC_NAMES), default=CODEC("codec"), show_default=True)
+@click.option("--compressor", type=click.Choice(COMPRESSOR_NAMES), default=CODEC("compressor"), show_default=True)
+@click.option("--clevel", default=CODEC("clevel"), show_default=True)
+@click.option("--shard-views", default=RUN("shard_views"), show_default=True,
+              help="Views per cache shard (one file per array).")
+@click.option("--workers", default=RUN("workers"), show_default=True, help="Image decoding threads.")
+@click.option("--rank", type=int, envvar="RANK", default=RUN("rank"), show_default=True,
               help="This process's shard set (shard % world-size); torchrun's RANK is used when set.")
-@click.option("--world-size", type=int, envvar="WORLD_SIZE", default=1, show_default=True,
+@click.option("--world-size", type=int, envvar="WORLD_SIZE", default=RUN("world_size"), show_default=True,
               help="Number of shard sets; torchrun's WORLD_SIZE is used when set.")
-@click.option("--init-seed", default=0, show_default=True, help="Weights seed when no --checkpoint is given.")
+@click.option("--init-seed", default=RUN("init_seed"), show_default=True, help="Weights seed when no --checkpoint is given.")
 @click.option("--no-progress", is_flag=True)
 @user_errors
 def run(**opts) -> None:
     """Extract teacher tokens into a cache; re-run the same command to resume."""
-    from ..storage.codecs import CodecSpec
-    from .run import ExtractConfig, run_extract
-    from ..data.views import ViewConfig
+    from .run import run_extract
 
     view = ViewConfig(
         img_size=opts["img_size"], mask_ratio=opts["mask_ratio"], mask_granularity=int(opts["mask_granularity"]),
@@ -168,10 +175,9 @@ def demo(out: str, teacher: str) -> None:
     cache = str(Path(out) / "cache.zarr")
     click.echo(f"demo data: {pattern}")
     ctx = click.get_current_context()
-    ctx.invoke(run, data=(pattern,), teacher=teacher, checkpoint=None, out=cache, views_per_image=4, mask_ratio=0.6,
-               mask_granularity="32", teacher_view="masked", img_size=224, seed=0, batch_size=16, device="auto",
-               precision="auto", codec="int8ct", compressor="lz4", clevel=5, shard_views=32, workers=2, rank=0,
-               world_size=1, init_seed=0, no_progress=False)
+    # every option not given here takes its default (click's invoke fills them in)
+    ctx.invoke(run, data=(pattern,), teacher=teacher, out=cache, views_per_image=4, mask_granularity="32",
+               batch_size=16, shard_views=32)
     report = verify_cache(cache)
     click.echo(f"verify: {report.shards_checked} shards, {report.views_ok} views ok, {len(report.problems)} problems")
     ctx.invoke(info, cache=cache, as_json=False)

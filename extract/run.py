@@ -27,47 +27,18 @@ from tqdm import tqdm
 from ..devices import resolve_device
 from ..errors import HgkdError
 from ..storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache, RowBlock
-from ..storage.codecs import CodecSpec, encode_tokens
+from ..storage.codecs import encode_tokens
 from ..storage.locks import creation_lock
-from ..storage.metadata import DEFAULT_SHARD_VIEWS, SKIP_NO_IMAGE, SKIP_UNDECODABLE, CacheMeta
+from ..storage.metadata import SKIP_NO_IMAGE, SKIP_UNDECODABLE, CacheMeta
 from ..storage.shards import claim_shard, completion_record
 from ..version import __version__
 from ..data.sources import DataSource, Sample, open_source
+from .config import ExtractConfig
 from .teachers.base import Teacher, create_teacher, sha256_file
 from ..data.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
 from .writer import BackgroundWriter, ShardBuffer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExtractConfig:
-    """Options of ``hgkd-extract run``."""
-
-    data: list[str]
-    out: str
-    teacher: str
-    checkpoint: str | None = None
-    view: ViewConfig = field(default_factory=ViewConfig)
-    codec: CodecSpec = field(default_factory=CodecSpec)
-    shard_views: int = DEFAULT_SHARD_VIEWS
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 on CPU)
-    workers: int = 2  # threads decoding images and rendering views
-    rank: int = 0
-    world_size: int = 1
-    init_seed: int = 0  # weights of a teacher without --checkpoint (demo/tests only)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        """Sizes are checked before anything is loaded or written (issue 11)."""
-        for option, value in (("--shard-views", self.shard_views), ("--batch-size", self.batch_size),
-                              ("--img-size", self.view.img_size), ("--world-size", self.world_size)):
-            if value < 1:
-                raise HgkdError(f"{option} {value} must be at least 1")
-        if self.workers < 0:
-            raise HgkdError(f"--workers {self.workers} must be 0 or more")
 
 
 @dataclass

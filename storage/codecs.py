@@ -9,19 +9,22 @@ Measured choices are in ``shared/notes/cache-storage.md`` and ``benchmarks/extra
 
 Encoding runs in torch on whatever device the tokens are on (numpy conversions are the slow
 path); decoding returns numpy float32 or a torch tensor. A new codec is one ``TokenCodec``
-entry in ``CODECS`` (and its name in ``hgkd.registry.TOKEN_CODEC_NAMES``, checked by a test).
+entry in ``CODECS``. numpy, torch and zarr are imported where they are used, so the codec names and
+:class:`CodecSpec`'s defaults are read by ``hgkd-extract --help`` without them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-import torch
-from zarr.abc.codec import BytesBytesCodec
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from typing import TYPE_CHECKING
 
 from ..errors import HgkdError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from zarr.abc.codec import BytesBytesCodec
 
 _INT8_MAX = 127.0
 _EPS = 1e-12
@@ -41,10 +44,15 @@ class TokenCodec:
 
 
 def _as_tensor(stored: np.ndarray) -> torch.Tensor:
+    import numpy as np
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(stored))
 
 
 def _encode_int8(x: torch.Tensor, per_channel: bool) -> dict[str, np.ndarray]:
+    import torch
+
     out: dict[str, np.ndarray] = {}
     if per_channel:
         channel_scale = x.abs().amax(dim=1, keepdim=True).clamp_min(_EPS).half()
@@ -58,6 +66,8 @@ def _encode_int8(x: torch.Tensor, per_channel: bool) -> dict[str, np.ndarray]:
 
 
 def _decode_int8(arrays: dict[str, np.ndarray], per_channel: bool) -> torch.Tensor:
+    import torch
+
     x = _as_tensor(arrays["tokens"]).float()  # a new tensor: scale it in place
     x.mul_((torch.from_numpy(arrays["token_scale"]).float() / _INT8_MAX).unsqueeze(-1))
     if per_channel:
@@ -66,14 +76,20 @@ def _decode_int8(arrays: dict[str, np.ndarray], per_channel: bool) -> torch.Tens
 
 
 def _bf16_encode(x: torch.Tensor) -> dict[str, np.ndarray]:
+    import numpy as np
+    import torch
+
     return {"tokens": x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}
 
 
 def _bf16_decode(arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    import numpy as np
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(arrays["tokens"]).view(np.int16)).view(torch.bfloat16).float()
 
 
-# The codec registry: a new codec is one entry (hgkd.registry.TOKEN_CODEC_NAMES lists the names for --help).
+# The codec registry: a new codec is one entry (hgkd-extract --help lists its name from here).
 CODECS: dict[str, TokenCodec] = {c.name: c for c in (
     TokenCodec("f32", "float32", lambda x: {"tokens": x.cpu().numpy()}, lambda a: _as_tensor(a["tokens"]).float()),
     TokenCodec("f16", "float16", lambda x: {"tokens": x.half().cpu().numpy()},
@@ -118,6 +134,8 @@ class CodecSpec:
 
     def compressors(self, typesize: int) -> list[BytesBytesCodec]:
         """numcodecs-backed compressor chain for one chunk, ending in a crc32c checksum."""
+        from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
         chain: list[BytesBytesCodec] = []
         if self.compressor == "lz4":
             shuffle = "bitshuffle" if typesize > 1 else "shuffle"

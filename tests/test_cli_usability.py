@@ -79,6 +79,36 @@ def test_declared_names_equal_the_real_registries():
     assert registry.PROBE_HEAD_NAMES == HEADS
 
 
+@pytest.mark.parametrize("cli, sub, configs", [
+    (distill_cli, "run", ("hgkd.distill.config:DistillConfig",)),
+    (distill_cli, "teacher", ("hgkd.distill.config:TeacherConfig",)),
+    (extract_cli, "run", ("hgkd.extract.config:ExtractConfig", "hgkd.data.view_config:ViewConfig",
+                          "hgkd.storage.codecs:CodecSpec")),
+])
+def test_option_defaults_are_the_config_defaults(cli, sub, configs):
+    """Every option named like a config field defaults to that field's default (one home, issue 14)."""
+    import dataclasses
+    import importlib
+
+    options = {p.name: p for p in cli.commands[sub].params if isinstance(p, click.Option)}
+    checked = []
+    for spec in configs:
+        module, name = spec.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        for field in dataclasses.fields(cls):
+            option = options.get(field.name)
+            if option is None or field.default is dataclasses.MISSING:  # not an option, or a list/dict factory
+                continue
+            if option.default is None or type(option.default).__name__ == "Sentinel":  # none stated (click's UNSET)
+                continue
+            got, want = option.default, field.default
+            if isinstance(option.type, click.Choice):  # choices are strings on the command line
+                got, want = str(got), str(want)
+            assert got == want, f"{sub} --{field.name.replace('_', '-')}: default {got!r}, {name}.{field.name} = {want!r}"
+            checked.append(field.name)
+    assert len(checked) >= 10, checked  # the options and fields really were paired
+
+
 def help_of(cli: click.Group, sub: str) -> str:
     result = CliRunner().invoke(cli, [sub, "--help"])
     assert result.exit_code == 0, result.output
