@@ -1,9 +1,11 @@
 """One registry mechanism for every kind of pluggable part (teachers, students, methods).
 
 Mirrors timm's `register_model`: factories are registered by name and looked up from the CLI.
-The names each registry holds (and the codec and probe-head names) are also declared below,
-in this torch-free module, so that every ``--help`` lists them without importing torch, timm
-or zarr; ``tests/test_cli_usability.py`` checks each list equals the real one.
+The names of the registries whose home needs torch (teachers, students, methods, and the probe
+heads) are also declared below, in this torch-free module, so that every ``--help`` lists them
+without importing torch, timm or zarr; ``tests/test_cli_usability.py`` checks each list equals
+the real one. Names whose home is torch-free are imported from it instead (the token codecs
+and compressors: ``hgkd.storage.codecs``).
 """
 from __future__ import annotations
 
@@ -13,15 +15,13 @@ from .errors import HgkdError
 
 T = TypeVar("T")
 
-# Names the CLIs offer, declared for --help. Adding a factory or codec: add its name here too.
+# Names the CLIs offer, declared for --help. Adding a teacher, student, method or probe head: add its name here too.
 TEACHER_NAMES = ("beit_large_patch16", "beit_tiny_patch16", "cae_large_patch16", "cae_tiny_patch16",
                  "mae_vit_large_patch16", "mae_vit_mini_patch16", "mae_vit_tiny_patch16")  # hgkd.extract.teachers
 STUDENT_NAMES = ("resnet18", "resnet34", "resnet50")  # hgkd.distill.students.STUDENT_ENCODERS
 METHOD_NAMES = ("at", "crd", "dist", "fitnet", "hgkd", "hsakd", "icd", "kd", "pkt", "rkd", "sp",
                 "vanilla")  # hgkd.distill.methods.METHODS
 DEFAULT_METHOD = "hgkd"  # the paper's method: DistillConfig.method's default
-TOKEN_CODEC_NAMES = ("f32", "f16", "bf16", "int8t", "int8ct")  # hgkd.storage.codecs.CODECS (the codec registry)
-COMPRESSOR_NAMES = ("lz4", "zstd", "none")  # hgkd.storage.codecs.COMPRESSORS
 PROBE_HEAD_NAMES = ("mlp", "linear")  # hgkd.evaluate.probe.HEADS
 
 

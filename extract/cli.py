@@ -11,8 +11,8 @@ import click
 from ..config import default_of
 from ..data.view_config import GRANULARITIES, TEACHER_VIEWS, ViewConfig
 from ..errors import user_errors
-from ..registry import COMPRESSOR_NAMES, TEACHER_NAMES, TOKEN_CODEC_NAMES
-from ..storage.codecs import CodecSpec
+from ..registry import TEACHER_NAMES
+from ..storage.codecs import COMPRESSORS, TOKEN_CODECS, CodecSpec
 from .config import PRECISIONS, ExtractConfig
 
 # torch, timm and zarr are imported inside the commands, so that --help answers at once. Option
@@ -42,8 +42,8 @@ def main(verbose: bool) -> None:
 @click.option("--batch-size", default=RUN("batch_size"), show_default=True)
 @click.option("--device", default=RUN("device"), show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=RUN("precision"), show_default=True)
-@click.option("--codec", type=click.Choice(TOKEN_CODEC_NAMES), default=CODEC("codec"), show_default=True)
-@click.option("--compressor", type=click.Choice(COMPRESSOR_NAMES), default=CODEC("compressor"), show_default=True)
+@click.option("--codec", type=click.Choice(TOKEN_CODECS), default=CODEC("codec"), show_default=True)
+@click.option("--compressor", type=click.Choice(COMPRESSORS), default=CODEC("compressor"), show_default=True)
 @click.option("--clevel", default=CODEC("clevel"), show_default=True)
 @click.option("--shard-views", default=RUN("shard_views"), show_default=True,
               help="Views per cache shard (one file per array).")
