@@ -1,7 +1,6 @@
 """H-GKD (Sec. 3.2.2): L = L_mse + lambda * L_sim against a FIFO queue of teacher embeddings."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..losses import masked_mse, pooled_embedding, similarity_loss

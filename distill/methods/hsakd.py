@@ -21,6 +21,7 @@ from ..outputs import NetOutputs
 from ..rotation_task import make_branches, rotate_batch, unrotated
 from .base import DistillMethod, MethodContext, kd_loss, register_method
 
+
 @register_method("hsakd")
 class HSAKD(DistillMethod):
     """Offline HSAKD: the student carries its own branches (this method's modules)."""
