@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ..devices import resolve_device
 from ..errors import HgkdError
@@ -84,6 +85,7 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
     scheduler = CosineLRScheduler(optimizer, t_initial=steps, lr_min=1e-6, warmup_lr_init=1e-6,
                                   warmup_t=cfg.warmup_epochs * len(sampler), t_in_epochs=False)
     loader, step, losses = _loader(dataset, sampler, cfg.workers), 0, []
+    bar = tqdm(total=steps, desc="classifier teacher", unit="step", dynamic_ncols=True)  # issue 10: a bar of its own
     for epoch in range(cfg.epochs):
         sampler.set_epoch(epoch)
         net.train()
@@ -96,7 +98,10 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
             step += 1
             scheduler.step_update(step)
             losses.append(float(loss.detach()))
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
+            bar.update(1)
         log.info("teacher epoch %d: loss %.4f", epoch, np.mean(losses[-len(sampler):]))
+    bar.close()
     result = {"train_loss": float(np.mean(losses[-len(sampler):]))}
     if cfg.test_data:
         result["test_top1"] = accuracy(net, cfg.test_data)
