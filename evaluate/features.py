@@ -27,6 +27,7 @@ from .data import UNDECODABLE, LabelledSet
 
 log = logging.getLogger(__name__)
 
+SHARD_BYTES = 4 * 2**20  # features per shard file (and per write)
 RECIPE = {"version": 1, "transform": "resize shorter side to round(img_size / crop_pct) (bicubic, antialiased), "
           "center crop img_size, ImageNet mean/std", "features": "forward_head(forward_features(x), pre_logits=True)"}
 
@@ -69,10 +70,7 @@ class FeatureRows:
     def part(self, lo: int, hi: int) -> Tensor:
         """Features of positions ``lo .. hi - 1`` (one contiguous read of the store)."""
         rows = self.rows[lo:hi]
-        if not len(rows):
-            return torch.zeros(0, self.dim)
-        first = int(rows[0])
-        return torch.from_numpy(self.store.read(first, int(rows[-1]) + 1)[rows - first])
+        return torch.from_numpy(self.store.take(rows))
 
     def load(self) -> Tensor:
         return torch.cat([block for _, block in self.blocks(65536)]) if len(self) else torch.zeros(0, self.dim)
@@ -110,16 +108,20 @@ def whole_source(data: LabelledSet) -> LabelledSet:
 
 
 def frozen_features(model: nn.Module, data: LabelledSet, features_dir: str | Path, batch_size: int = 64,
-                    workers: int = 0, shard_rows: int = 4096) -> FeatureStore:
-    """The complete feature cache of ``model`` on ``data``'s source: read back, resumed or computed."""
+                    workers: int = 0, shard_rows: int | None = None) -> FeatureStore:
+    """The complete feature cache of ``model`` on ``data``'s source: read back, resumed or computed.
+
+    ``shard_rows``: rows per shard file (default: about 4 MiB of features, a multiple of 256)."""
     whole = whole_source(data)
     meta = {"model": model_fingerprint(model), "data": data.source.source.fingerprint(),
             "recipe": {**RECIPE, "img_size": data.img_size, "crop_pct": data.crop_pct}}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
     url = str(Path(features_dir) / f"{key}.zarr")
     Path(features_dir).mkdir(parents=True, exist_ok=True)
-    store = FeatureStore.create_or_resume(url, meta, whole.index, lambda: feature_dim(model, data.img_size),
-                                          shard_rows=shard_rows, chunk_rows=min(256, shard_rows))
+    dim = feature_dim(model, data.img_size)
+    shard_rows = shard_rows or max(256, SHARD_BYTES // (4 * dim) // 256 * 256)
+    store = FeatureStore.create_or_resume(url, meta, whole.index, dim, shard_rows=shard_rows,
+                                          chunk_rows=min(256, shard_rows))
     pending = store.pending_shards()
     if pending:
         log.info("%s: extracting features of %d images (%d shards) -> %s", data.name, len(whole),

@@ -9,8 +9,10 @@ sets pick it from the images: the demo's digits (8x8 scans upsampled to 64 px) l
 in crops under ~0.8 of the image (the frozen probe's features classify min_scale-0.35 crops at
 35%, centre crops at 89%), and fine-tuning the demo's H-GKD student for 3 epochs at the
 default scored 54.6% against 97.6% for 10 epochs at 0.8 (issue 12; LP-FT head warm-up and
-layer-wise lr decay 0.75 on top gave 95.8%, so they are not used). Meant for small sets on a
-CPU; the model passed in is copied, never modified. The accuracy is the last epoch's.
+layer-wise lr decay 0.75 on top gave 95.8%, so they are not used). The images are streamed
+every epoch: DataLoader workers read, decode, resize and augment each batch (nothing decoded
+is kept between batches). The model passed in is copied, never modified. The accuracy is the
+last epoch's.
 """
 from __future__ import annotations
 

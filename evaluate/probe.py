@@ -14,7 +14,7 @@
 Features are a tensor or ``FeatureRows`` of a feature cache (``hgkd.evaluate.features``). A
 probe loads them when N x D float32 fits ``memory_mb`` (then the epoch order is one
 ``randperm`` over all rows); otherwise every epoch reads the cache in shuffled blocks of
-``BLOCK_ROWS`` rows, a buffer of ``memory_mb`` at a time, shuffled within. kNN scans the train
+``BLOCK_BYTES`` (``block_rows``), a buffer of ``memory_mb`` at a time, shuffled within. kNN scans the train
 features block by block, keeping each test sample's running top-k.
 
 Accuracies are percentages. Labels may be any integers: the classes are the distinct training
@@ -41,8 +41,14 @@ from .features import Features, feature_blocks, in_memory, model_device, pooled_
 log = logging.getLogger(__name__)
 
 HEADS = ("mlp", "linear")
-BLOCK_ROWS = 4096  # rows read from a feature cache at once
+BLOCK_BYTES = 4 * 2**20  # one read from a feature cache (probe); kNN reads KNN_BLOCK_BYTES of the bank
+KNN_BLOCK_BYTES = 64 * 2**20
 MEMORY_MB = 2048.0  # features up to this size are loaded whole
+
+
+def block_rows(dim: int, nbytes: int = BLOCK_BYTES) -> int:
+    """Rows of ``dim`` float32 features in one read of about ``nbytes`` (at least 256)."""
+    return max(256, nbytes // (4 * dim))
 
 
 @contextmanager
@@ -173,7 +179,7 @@ def epoch_batches(features: Features, labels: Tensor, batch_size: int, order_rng
                   buffer_rows: int) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch's shuffled (features, labels) batches.
 
-    In memory: one ``randperm`` over all rows. From the cache: the blocks of ``BLOCK_ROWS`` rows
+    In memory: one ``randperm`` over all rows. From the cache: blocks of ``block_rows`` rows
     in random order, loaded ``buffer_rows`` at a time and shuffled within the buffer; the rows
     left over from a buffer start the next one, so every batch but the last is full."""
     if isinstance(features, Tensor):
@@ -181,15 +187,16 @@ def epoch_batches(features: Features, labels: Tensor, batch_size: int, order_rng
             idx = idx.to(features.device)
             yield features[idx], labels[idx]
         return
-    starts = range(0, len(features), BLOCK_ROWS)
+    rows = block_rows(features.dim)
+    starts = range(0, len(features), rows)
     order = [starts[i] for i in torch.randperm(len(starts), generator=order_rng).tolist()]
-    per_buffer = max(1, buffer_rows // BLOCK_ROWS)
+    per_buffer = max(1, buffer_rows // rows)
     labels = labels.cpu()
     carry_x, carry_y = torch.zeros(0, features.dim), torch.zeros(0, dtype=labels.dtype)
     for b in range(0, len(order), per_buffer):
         parts = order[b:b + per_buffer]
-        x = torch.cat([carry_x] + [features.part(lo, lo + BLOCK_ROWS) for lo in parts])
-        y = torch.cat([carry_y] + [labels[lo:lo + BLOCK_ROWS] for lo in parts])
+        x = torch.cat([carry_x] + [features.part(lo, lo + rows) for lo in parts])
+        y = torch.cat([carry_y] + [labels[lo:lo + rows] for lo in parts])
         perm = torch.randperm(len(x), generator=order_rng)
         full = len(x) // batch_size * batch_size
         for idx in perm[:full].split(batch_size):
@@ -202,16 +209,17 @@ def epoch_batches(features: Features, labels: Tensor, batch_size: int, order_rng
 def predict(model: nn.Module, features: Features, device: torch.device | str) -> Tensor:
     """Scores (N, C) on CPU of an eval-mode head, block by block."""
     with torch.no_grad():
-        return torch.cat([model(x.float().to(device)).cpu() for _, x in feature_blocks(features, BLOCK_ROWS)])
+        return torch.cat([model(x.float().to(device)).cpu() for _, x in feature_blocks(features, block_rows(_dim(features)))])
 
 
 def knn_votes(train_feats: Features, train_i: Tensor, test_feats: Features, num_classes: int, k: int = 20,
-              temperature: float = 0.07, chunk: int = 256, bank_rows: int = 65536) -> Tensor:
+              temperature: float = 0.07, chunk: int = 256, bank_rows: int | None = None) -> Tensor:
     """Class votes (N_test, C): sum of exp(cos / T) over each test sample's k most similar train samples.
 
     The train features are scanned ``bank_rows`` at a time (from memory or the cache); each
     test sample keeps its running top-k similarities and their labels."""
     k = min(k, len(train_feats))
+    bank_rows = bank_rows or block_rows(_dim(train_feats), KNN_BLOCK_BYTES)
     votes = []
     for _, test_block in feature_blocks(test_feats, bank_rows):
         test_n = F.normalize(test_block, dim=1)

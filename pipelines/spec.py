@@ -7,7 +7,7 @@ data: ['/data/imagenet/train-{0000..0255}.tar']      # what the teacher and stud
 teacher: {name: cae_large_patch16, checkpoint: /ckpt/cae_large_1600ep.pth}
 cache: {mask_ratio: 0.6, views_per_image: 1}        # hgkd-extract run options
 distill: {student: resnet50, epochs: 100}           # hgkd-distill run options, for every variant
-eval: {train: [...], test: [...], tasks: [knn, linear], img_size: 224}
+eval: {train: [...], test: [...], tasks: [knn, linear], img_size: 224}   # tasks: hgkd.evaluate.registry
 variants:
   - {name: full, seed: 0}
   - {name: wo_unet, unet: false, seed: 0}
@@ -18,6 +18,9 @@ classifier_teacher: {epochs: 10, branches: true}    # hgkd-distill teacher optio
 The teacher's weights come from ``checkpoint`` or ``pretrain_mae``; a randomly initialised
 teacher must be asked for with ``random_init: true`` (and is marked in the results). Every
 section's keys are checked before the first stage runs (``pipelines.run.validate_stages``).
+``eval`` may also set ``features_dir`` (the frozen-feature cache, default ``<out>/features``),
+``workers`` (image-decoding DataLoader workers) and ``memory_mb`` (feature memory of a probe);
+its tasks and their ``options`` are checked against ``hgkd.evaluate``'s task registry.
 ``--set section.key=value`` overrides any entry from the command line. Data entries
 ``builtin:digits-train`` / ``builtin:digits-test`` are the shipped digits (``builtin`` section:
 ``img_size``, ``max_images``), written under ``out/data`` on first use.

@@ -16,7 +16,7 @@ knows rows and numbers only; what the rows mean (model, data, view recipe) is th
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import zarr
@@ -43,19 +43,18 @@ class FeatureStore:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def create_or_resume(cls, url: str, meta: dict[str, Any], index: np.ndarray, dim: Callable[[], int],
-                         shard_rows: int = 4096, chunk_rows: int = 256) -> "FeatureStore":
-        """The store at ``url`` for ``meta``: resumed when it holds the same rows, else created
-        (``dim()`` gives the feature width; called only then)."""
+    def create_or_resume(cls, url: str, meta: dict[str, Any], index: np.ndarray, dim: int,
+                         shard_rows: int = 2048, chunk_rows: int = 256) -> "FeatureStore":
+        """The store at ``url`` for ``meta``: resumed when it holds the same rows, else created."""
         if cls.exists(url):
             store = cls(zarr.open_group(url, mode="a"), url)
-            if store.meta != meta or not np.array_equal(store.index(), index):
+            if store.meta != meta or not np.array_equal(store.index(), index) or store.dim != dim:
                 raise HgkdError(f"{url}: feature cache made for other settings; delete it or give another "
                                 "--features-dir")
             return store
         if shard_rows % chunk_rows:
             raise ValueError("shard_rows must be a multiple of chunk_rows")
-        n, dim = len(index), int(dim())
+        n = len(index)
         root = zarr.open_group(url, mode="w")
         crc = [Crc32cCodec()]
         root.create_array("features", shape=(n, dim), dtype="float32", chunks=(chunk_rows, dim),
@@ -147,4 +146,20 @@ class FeatureStore:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Features of rows ``start .. stop - 1`` (float32)."""
-        return self.group["features"][start:stop]
+        return self.take(np.arange(start, stop))
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Features (float32) of the ascending ``rows``, read one stored chunk at a time into one
+        array: memory stays at the result plus one chunk (reading a long range at once makes
+        zarr hold every chunk's buffers, and the allocator keeps them)."""
+        array = self.group["features"]
+        step = array.chunks[0]
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        chunk_of = rows // step
+        cuts = np.flatnonzero(np.diff(chunk_of)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+            if hi > lo:
+                first = int(chunk_of[lo]) * step
+                out[lo:hi] = array[first:min(first + step, self.num_rows)][rows[lo:hi] - first]
+        return out

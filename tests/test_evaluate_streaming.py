@@ -15,7 +15,7 @@ from hgkd.data.demo_data import _jpeg
 from hgkd.errors import HgkdError
 from hgkd.evaluate import extract_features, load_labelled, load_student, run_task
 from hgkd.evaluate.features import FeatureRows, decodable, frozen_features, rows_of
-from hgkd.evaluate.probe import BLOCK_ROWS, class_index, epoch_batches, knn_eval, knn_votes, linear_probe
+from hgkd.evaluate.probe import block_rows, class_index, epoch_batches, knn_eval, knn_votes, linear_probe
 from hgkd.evaluate.registry import TASKS
 from hgkd.pipelines.spec import spec_from_dict
 from hgkd.storage.features import STATUS_OK, STATUS_UNDECODABLE, FeatureStore
@@ -96,7 +96,7 @@ def test_feature_cache_made_for_other_settings_is_refused(tars, model, tmp_path)
     data = load_labelled(tars, img_size=32, check=False)
     store = frozen_features(model, data, tmp_path, shard_rows=16)
     with pytest.raises(HgkdError, match="feature cache made for other settings"):
-        FeatureStore.create_or_resume(store.url, {"model": "another"}, store.index(), lambda: 512)
+        FeatureStore.create_or_resume(store.url, {"model": "another"}, store.index(), 512)
     with pytest.raises(HgkdError, match="not an hgkd feature cache"):
         FeatureStore(zarr.open_group(str(tmp_path / "plain.zarr"), mode="w"), str(tmp_path / "plain.zarr"))
 
@@ -123,9 +123,9 @@ def test_block_reading_probe_and_knn_match_in_memory(tars, model, tmp_path):
 
 
 def test_epoch_batches_from_the_cache_cross_block_boundaries(tmp_path):
-    n = BLOCK_ROWS * 2 + 100
+    n = block_rows(3) * 2 + 100
     index = np.arange(n)
-    store = FeatureStore.create_or_resume(str(tmp_path / "f.zarr"), {"m": 1}, index, lambda: 3, shard_rows=4096)
+    store = FeatureStore.create_or_resume(str(tmp_path / "f.zarr"), {"m": 1}, index, 3, shard_rows=4096)
     feats = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
     for shard in store.pending_shards():
         rows = store.rows_of_shard(shard)
@@ -133,7 +133,7 @@ def test_epoch_batches_from_the_cache_cross_block_boundaries(tmp_path):
     store.finalize()
     rows = FeatureRows(store, index[::3])
     labels = torch.from_numpy(index[::3])
-    batches = list(epoch_batches(rows, labels, 100, torch.Generator().manual_seed(0), BLOCK_ROWS))
+    batches = list(epoch_batches(rows, labels, 100, torch.Generator().manual_seed(0), block_rows(3)))
     assert all(len(y) == 100 for _, y in batches[:-1]) and len(batches[-1][1]) <= 100
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
