@@ -19,7 +19,8 @@ _VERSION_FIELDS = ("ETag", "etag", "Last-Modified", "LastModified", "last_modifi
 
 
 def is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    """Read through fsspec (``file://`` too: a URL is never taken for a local path)."""
+    return "://" in path
 
 
 def url_fs(url: str, **storage_options: Any) -> tuple[Any, str]:

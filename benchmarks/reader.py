@@ -28,6 +28,13 @@ P2c (issue 13): that loader's views/s with one worker, against the bare work in 
 (bicubic), one thread - and ``inproc-1t``: the dataset called in this process, one thread
 (the loader's ceiling without worker hand-over). Goals: >= 500 views/s per worker, and within
 1.5x of bare decode + resize.
+Remote (issue 15, ``remote_loopback``; reported, no goal): the same random batches read over
+HTTP on loopback from a Range-capable server in a child process (``tests/range_http.py``):
+``ShardReader`` on the int8ct cache at an ``http://`` URL (ranged reads of shard files, one
+``cat_ranges`` per array and batch) against the local reader in the same run;
+``RandomAccessSource.read_many`` (what ``CacheViewDataset`` calls per batch) of random
+photo-tar members over HTTP against local ``os.pread``; one large ranged read (MB/s).
+``--remote-only`` measures just this and merges it into an existing results file.
 Writes ``benchmarks/results/reader.json`` with machine info, a ``goals`` and a ``scaling`` object.
 """
 from __future__ import annotations
@@ -55,6 +62,7 @@ from torch.utils.data import DataLoader, Dataset
 from zarr.core.sync import sync
 
 from hgkd.distill.data import CacheViewDataset
+from hgkd.data.random_access import open_random_access
 from hgkd.data.sources import open_source
 from hgkd.data.views import ViewConfig, decode_image, sample_view
 from hgkd.storage.cache import STATUS_OK, FeatureCache
@@ -297,6 +305,66 @@ def measure_codec(cache: FeatureCache, batches: list[np.ndarray], repeats: int) 
     return {name: {"median": statistics.median(v), "runs": v} for name, v in runs.items()}
 
 
+def measure_remote(tmp: Path, cache: FeatureCache, batches: list[np.ndarray], photos: str, repeats: int) -> dict:
+    """Loopback HTTP against local files, same batches, interleaved repeats (views/s, MB/s)."""
+    import sys
+    import fsspec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from range_http import serve_in_process as serve
+
+    targets = ["tokens", *cache.codec.aux_arrays(1, 1)]
+    root = Path(cache.local_dir).parent  # served: the cache and ``photos/`` (both runs write them there)
+    assert Path(photos).parent == root / "photos"
+    view_bytes = sum(cache.group[n].nbytes_stored() for n in targets) / cache.num_views
+    local_data = open_random_access(photos, None)
+    rng = np.random.default_rng(2)
+    samples = [rng.choice(len(local_data.keys), 64, replace=False) for _ in range(8)]
+    sample_bytes = float(np.mean([len(local_data.read(int(i))) for b in samples for i in b]))
+    big = sorted(Path(photos).parent.glob("*.tar"))[0]
+    with serve(str(root)) as url:
+        remote_cache = FeatureCache.open(f"{url}/{Path(cache.local_dir).name}")
+        readers = {"local": ShardReader(cache, targets, threads=2), "http": ShardReader(remote_cache, targets, threads=2)}
+        for reader in readers.values():  # warm: shard indexes and small chunks kept, as in training
+            reader.read(np.arange(cache.num_views), targets)
+        remote_data = open_random_access(f"{url}/photos/{Path(photos).name}", None)
+        data = {"local": local_data, "http": remote_data}
+        fs = fsspec.filesystem("http")
+        arms: dict[str, Callable[[], float]] = {
+            **{f"cache/{k}": (lambda r=r: views_per_s(r.read, batches)) for k, r in readers.items()},
+            **{f"data/{k}": (lambda d=d: views_per_s(lambda b: d.read_many(b.tolist()), samples))
+               for k, d in data.items()},
+            "http/one-range-MBps": lambda: big.stat().st_size / 1e6 / timed_s(
+                lambda: fs.cat_file(f"{url}/photos/{big.name}", start=0, end=big.stat().st_size)),
+        }
+        runs: dict[str, list[float]] = {name: [] for name in arms}
+        for _ in range(repeats):
+            for name, arm in arms.items():
+                runs[name].append(arm())
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    out = {"server": "tests/range_http.py (ThreadingHTTPServer, Range, keep-alive) on 127.0.0.1",
+           "cache_view_bytes": view_bytes, "data_sample_bytes": sample_bytes,
+           "cache_views_per_s": {k: med[f"cache/{k}"] for k in readers},
+           "cache_MBps": {k: med[f"cache/{k}"] * view_bytes / 1e6 for k in readers},
+           "cache_http_vs_local": med["cache/http"] / med["cache/local"],
+           "data_samples_per_s": {k: med[f"data/{k}"] for k in data},
+           "data_MBps": {k: med[f"data/{k}"] * sample_bytes / 1e6 for k in data},
+           "data_http_vs_local": med["data/http"] / med["data/local"],
+           "one_range_read_MBps": med["http/one-range-MBps"], "one_range_read_bytes": big.stat().st_size,
+           "runs": runs}
+    print(f"\nloopback HTTP: cache {out['cache_views_per_s']['http']:,.0f} views/s ({out['cache_MBps']['http']:.0f} MB/s, "
+          f"{out['cache_http_vs_local']:.2f}x local), data {out['data_samples_per_s']['http']:,.0f} samples/s "
+          f"({out['data_MBps']['http']:.1f} MB/s, {out['data_http_vs_local']:.2f}x local), one ranged read "
+          f"{out['one_range_read_MBps']:.0f} MB/s")
+    return out
+
+
+def timed_s(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def measure_cacheview(tmp: Path, args: argparse.Namespace, n_tok: int, dim: int) -> dict:
     """Stage two's loader (``CacheViewDataset``) with 1 vs 2 DataLoader workers, in this process
     (one thread), and bare PIL decode + resize of the same files; interleaved repeats."""
@@ -377,6 +445,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small cache, 1 repeat: checks the script, not the goal")
     ap.add_argument("--out", help="JSON to write (default benchmarks/results/reader.json; --quick writes only to --out)")
     ap.add_argument("--skip-codecs", action="store_true", help="only the CacheViewDataset part (P2c and its scaling)")
+    ap.add_argument("--remote-only", action="store_true",
+                    help="only the loopback HTTP part, merged into the existing results file")
     args = ap.parse_args()
     if args.quick:
         args.views, args.shard_views, args.batches, args.repeats, args.view_batches = 512, 128, 8, 1, 6
@@ -386,6 +456,8 @@ def main() -> None:
     batches = [np.sort(rng.choice(args.views, args.batch_size, replace=False)) for _ in range(args.batches)]
     batches = [rng.permutation(b) for b in batches]  # unsorted, as a shuffling sampler gives them
     results, load_before = {}, os.getloadavg()
+    if args.remote_only:
+        return remote_only(args, batches, n_tok, dim)
     with tempfile.TemporaryDirectory() as tmp:
         for codec in [] if args.skip_codecs else args.codecs.split(","):
             start = time.perf_counter()
@@ -397,6 +469,10 @@ def main() -> None:
                               "build_s": built, "arms": arms}
             print_table(codec, arms)
         cacheview = measure_cacheview(Path(tmp), args, n_tok, dim)
+        remote = None
+        if "int8ct.zarr" in {Path(c).name for c in os.listdir(tmp)}:
+            remote = measure_remote(Path(tmp), FeatureCache.open(str(Path(tmp) / "int8ct.zarr")), batches,
+                                    str(Path(tmp) / "photos" / "photos-{0000..0000}.tar"), args.repeats)
     view_arms = cacheview["arms"]
     scaling = {
         "cacheview_loader_workers": {**scaling_row(
@@ -428,7 +504,7 @@ def main() -> None:
                     "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
         "views": args.views, "shard_views": args.shard_views, "batch_size": args.batch_size,
         "batches_per_measurement": args.batches, "repeats": args.repeats, "tokens": [n_tok, dim],
-        "codecs": results, "scaling": scaling, "goals": goals,
+        "codecs": results, "scaling": scaling, "goals": goals, "remote_loopback": remote,
     }
     for name, row in p2c_goals(cacheview).items():
         print(f"{name}: {row['value']:,.3f} (goal >= {row['goal']:,.3f}) {'met' if row['met'] else 'NOT met'}")
@@ -436,6 +512,26 @@ def main() -> None:
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
         print(f"wrote {out}")
+
+
+def remote_only(args: argparse.Namespace, batches: list[np.ndarray], n_tok: int, dim: int) -> None:
+    """``--remote-only``: the loopback HTTP arms on a fresh int8ct cache and photo tars, merged
+    into the results file (the other sections keep their earlier run)."""
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = build_cache(str(Path(tmp) / "int8ct.zarr"), "int8ct", synthetic_layout(args.views, n_tok),
+                            args.shard_views, n_tok, dim)
+        photos = write_photo_shards(Path(tmp) / "photos", min(args.photos, 128))
+        remote = measure_remote(Path(tmp), cache, batches, photos, args.repeats)
+    remote["measured_with"] = {"views": args.views, "shard_views": args.shard_views, "batch_size": args.batch_size,
+                               "batches": len(batches), "repeats": args.repeats, "loadavg_1_5_15_before": load_before,
+                               "loadavg_1_5_15_after": os.getloadavg()}
+    out = args.out or (None if args.quick else str(Path(__file__).parent / "results" / "reader.json"))
+    if out:
+        result = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
+        result["remote_loopback"] = remote
+        Path(out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {out} (remote_loopback)")
 
 
 def p2c_goals(cacheview: dict) -> dict:

@@ -74,6 +74,26 @@ class RandomAccessSource:
                             f"the tar changed or is truncated - restart to index it again")
         return data
 
+    def read_many(self, indices: list[int]) -> list[bytes | None]:
+        """Several samples' image bytes; a remote tar's members in one batched ranged request."""
+        out: list[bytes | None] = [None] * len(indices)
+        remote: dict[int, list[int]] = {}  # tar -> positions in ``indices``
+        for pos, index in enumerate(indices):
+            tar = int(self._tar[index])
+            if self._offsets[index] >= 0 and is_url(self._urls[tar]):
+                remote.setdefault(tar, []).append(pos)
+            else:
+                out[pos] = self.read(index)
+        for tar, positions in remote.items():
+            self._check_remote(tar)
+            ranges = [(int(self._offsets[indices[p]]), int(self._sizes[indices[p]])) for p in positions]
+            for pos, (_, size), data in zip(positions, ranges, self._remote.read_many(self._urls[tar], ranges)):
+                if len(data) != size:
+                    raise HgkdError(f"--data {self._urls[tar]}: sample {indices[pos]} is cut short ({len(data)} of "
+                                    f"{size} bytes); the tar changed or is truncated - restart to index it again")
+                out[pos] = data
+        return out
+
     def _open_local(self, tar: int) -> int:
         fd = os.open(self._urls[tar], os.O_RDONLY)
         st = os.fstat(fd)

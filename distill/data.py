@@ -12,6 +12,7 @@ fly (online teacher, supervised baselines).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -104,6 +105,7 @@ class CacheViewDataset(Dataset):
         self.source = RandomAccessSource(source)
         self._cache: FeatureCache | None = None
         self._reader: ShardReader | None = None
+        self._pid = os.getpid()
         self.view_rows = self._view_table(cache, views)
         self.ok_rows = np.sort(self.view_rows.ravel())
 
@@ -131,6 +133,8 @@ class CacheViewDataset(Dataset):
 
     @property
     def cache(self) -> FeatureCache:
+        if self._pid != os.getpid():  # a forked worker: a remote store's client is the parent's
+            self._cache, self._reader, self._pid = None, None, os.getpid()
         if self._cache is None:  # opened lazily: once per DataLoader worker
             self._cache = FeatureCache.open(self.cache_url)
         return self._cache
@@ -138,8 +142,9 @@ class CacheViewDataset(Dataset):
     @property
     def reader(self) -> ShardReader:
         """Direct shard reader (cached shard indexes, Zarr's codecs): thousands of views/s."""
+        cache = self.cache  # first: it resets both after a fork
         if self._reader is None:
-            self._reader = ShardReader(self.cache, threads=1)
+            self._reader = ShardReader(cache, threads=1)
         return self._reader
 
     def __getstate__(self) -> dict:
@@ -155,8 +160,7 @@ class CacheViewDataset(Dataset):
         names = ["tokens", *cache.codec.aux_arrays(1, 1), "valid", "pooled", "mask", "crop", "flip", "index", "key"]
         raw = self.reader.read(rows_sorted, names)
         images = []
-        for i, index in enumerate(raw["index"]):
-            data = self.source.read(int(index))
+        for i, (index, data) in enumerate(zip(raw["index"], self.source.read_many([int(x) for x in raw["index"]]))):
             if data is None or self.source.keys[index] != raw["key"][i]:
                 raise HgkdError(f"--data sample {index} is not cache row {rows_sorted[i]}'s image; data and cache disagree")
             params = ViewParams(tuple(raw["crop"][i]), bool(raw["flip"][i]), raw["mask"][i].reshape(self.grid))

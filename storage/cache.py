@@ -29,6 +29,7 @@ from zarr.codecs import Crc32cCodec, ShardingCodec
 from zarr.core.sync import sync
 
 from ..errors import HgkdError
+from ..remote import remote_errors
 from .codecs import CodecSpec, decode_tokens
 from .metadata import FORMAT, CacheMeta, skip_reason
 
@@ -175,6 +176,9 @@ class FeatureCache:
             group = zarr.open_group(url, mode=mode, storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
             raise HgkdError(f"{url}: no hgkd cache there ({type(err).__name__}); run 'hgkd-extract run' first") from None
+        except remote_errors() as err:  # a URL whose store does not answer
+            raise HgkdError(f"{url}: cannot reach the cache ({type(err).__name__}: {err}); check the URL and "
+                            f"the network") from None
         return cls(group, url, require_arrays)
 
     @staticmethod
@@ -183,6 +187,9 @@ class FeatureCache:
             group = zarr.open_group(url, mode="r", storage_options=storage_options)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             return False
+        except remote_errors() as err:
+            raise HgkdError(f"{url}: cannot reach the cache ({type(err).__name__}: {err}); check the URL and "
+                            f"the network") from None
         return ATTR in group.attrs
 
     def missing_arrays(self) -> list[str]:

@@ -21,8 +21,10 @@ drops the per-call path:
 
 Only rows of shards with a completion record are served; a corrupt chunk, a missing file or
 a missing chunk raises :class:`HgkdError` naming the array and shard, never returns zeros.
-Stores that are not local directories (fsspec URLs) and arrays whose codecs are not all
-synchronous are read through zarr-python instead (same results, zarr's speed).
+A cache at an fsspec URL (``s3://``, ``http://``, ``memory://``) is read the same way with
+ranged requests (``storage.files.FsspecFiles``: one ``cat_ranges`` call per batch) instead
+of ``os.pread``; arrays whose codecs are not all synchronous are read through zarr-python
+(same results, zarr's speed).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from zarr.core.codec_pipeline import codecs_from_list
 from ..errors import HgkdError
 from .cache import FeatureCache
 from .codecs import decode_tokens
+from .files import FsspecFiles, LocalFiles
 
 _MISSING = np.iinfo(np.uint64).max  # Zarr's index entry of a chunk that was never written
 
@@ -87,13 +90,13 @@ def _chunk_spec(array: zarr.Array, shape: tuple[int, ...]) -> ArraySpec:
 
 
 class _ArrayReader:
-    """Shared bookkeeping of one per-view array stored under a local directory."""
+    """Shared bookkeeping of one per-view array stored under a directory or fsspec URL."""
 
-    def __init__(self, cache: FeatureCache, name: str, root: str) -> None:
+    def __init__(self, cache: FeatureCache, name: str, files: LocalFiles | FsspecFiles) -> None:
         self.url, self.name = cache.url, name
         self.shard_views, self.num_views = cache.shard_views, cache.num_views
         self.array = cache.group[name]
-        self.dir = os.path.join(root, self.array.path)
+        self.files = files
         self.row_shape = tuple(self.array.shape[1:])
         self.dtype = self.array.dtype
 
@@ -104,11 +107,11 @@ class _ArrayReader:
 
     def path(self, shard: int) -> str:
         coords = (shard,) + (0,) * len(self.row_shape)
-        return os.path.join(self.dir, *self.array.metadata.encode_chunk_key(coords).split("/"))
+        return self.files.join(*self.array.path.split("/"), *self.array.metadata.encode_chunk_key(coords).split("/"))
 
-    def open(self, shard: int) -> int:
+    def open(self, shard: int) -> Any:
         try:
-            return os.open(self.path(shard), os.O_RDONLY)
+            return self.files.open(self.path(shard))
         except FileNotFoundError:
             raise HgkdError(f"{self.where(shard)}: shard file {self.path(shard)} is missing although the shard "
                             f"is recorded complete; the cache is damaged - run 'hgkd-extract verify'") from None
@@ -127,8 +130,8 @@ class _ArrayReader:
 class _ShardedRows(_ArrayReader):
     """An array with Zarr's sharding codec and one view per inner chunk (``tokens``)."""
 
-    def __init__(self, cache: FeatureCache, name: str, root: str, max_open: int) -> None:
-        super().__init__(cache, name, root)
+    def __init__(self, cache: FeatureCache, name: str, files: LocalFiles | FsspecFiles, max_open: int) -> None:
+        super().__init__(cache, name, files)
         (sharding,) = self.array.metadata.codecs
         if not isinstance(sharding, ShardingCodec) or sharding.chunk_shape != (1, *self.row_shape):
             raise TypeError(f"{name}: not sharded with one row per inner chunk")
@@ -146,7 +149,7 @@ class _ShardedRows(_ArrayReader):
 
     def close(self) -> None:
         for fd in self.fds.values():
-            os.close(fd)
+            self.files.close(fd)
         self.fds.clear()
 
     def shard_file(self, shard: int, keep: set[int]) -> tuple[int, np.ndarray]:
@@ -157,7 +160,7 @@ class _ShardedRows(_ArrayReader):
                 old = next((s for s in self.fds if s not in keep), None)
                 if old is None:
                     break
-                os.close(self.fds.pop(old))
+                self.files.close(self.fds.pop(old))
             fd = self.fds[shard] = self.open(shard)
         else:
             self.fds.move_to_end(shard)
@@ -167,11 +170,11 @@ class _ShardedRows(_ArrayReader):
         return fd, index
 
     def load_index(self, shard: int, fd: int) -> np.ndarray:
-        size = os.fstat(fd).st_size
+        size = self.files.size(fd)
         if size < self.index_size:
             short = ValueError(f"file has {size} bytes, the index alone needs {self.index_size}")
             raise self.corrupt(shard, "the shard index", short)
-        raw = os.pread(fd, self.index_size, size - self.index_size if self.index_at_end else 0)
+        raw = self.files.pread(fd, self.index_size, size - self.index_size if self.index_at_end else 0)
         try:
             index = self.index_chain.decode(raw).reshape(self.shard_views, 2)
         except Exception as err:
@@ -201,7 +204,11 @@ class _ShardedRows(_ArrayReader):
                 raise HgkdError(f"{self.where(shard)}: row {row} was never written (chunk missing from the "
                                 f"shard index); the cache is damaged - run 'hgkd-extract verify'")
             jobs.append((row, shard, pos, fd, int(offset), int(nbytes)))
-        if pool and len(jobs) > 1:
+        if self.files.remote:  # one batched ranged request, then decode
+            raws = self.files.pread_many([(fd, nbytes, offset) for *_, fd, offset, nbytes in jobs]) if jobs else []
+            for job, raw in zip(jobs, raws):
+                self.decode_row(out, job, raw)
+        elif pool and len(jobs) > 1:
             parts = np.array_split(np.arange(len(jobs)), threads)
             list(pool.map(lambda part: self.decode_into(out, [jobs[i] for i in part]), parts))
         else:
@@ -214,21 +221,25 @@ class _ShardedRows(_ArrayReader):
         return out
 
     def decode_into(self, out: np.ndarray, jobs: list[tuple[int, int, int, int, int, int]]) -> None:
-        for row, shard, pos, fd, offset, nbytes in jobs:
-            raw = os.pread(fd, nbytes, offset)
-            try:
-                if len(raw) != nbytes:
-                    raise ValueError(f"read {len(raw)} of {nbytes} bytes (truncated file)")
-                out[pos] = self.inner.decode(raw).reshape(self.row_shape)
-            except Exception as err:
-                raise self.corrupt(shard, f"the chunk of row {row}", err) from err
+        for job in jobs:
+            fd, offset, nbytes = job[3:]
+            self.decode_row(out, job, os.pread(fd, nbytes, offset))
+
+    def decode_row(self, out: np.ndarray, job: tuple[int, int, int, Any, int, int], raw: bytes) -> None:
+        row, shard, pos, _, _, nbytes = job
+        try:
+            if len(raw) != nbytes:
+                raise ValueError(f"read {len(raw)} of {nbytes} bytes (truncated file)")
+            out[pos] = self.inner.decode(raw).reshape(self.row_shape)
+        except Exception as err:
+            raise self.corrupt(shard, f"the chunk of row {row}", err) from err
 
 
 class _ChunkedRows(_ArrayReader):
     """A small array with one chunk per cache shard; decoded chunks are kept in an LRU."""
 
-    def __init__(self, cache: FeatureCache, name: str, root: str, lru_shards: int) -> None:
-        super().__init__(cache, name, root)
+    def __init__(self, cache: FeatureCache, name: str, files: LocalFiles | FsspecFiles, lru_shards: int) -> None:
+        super().__init__(cache, name, files)
         chunk_shape = self.array.metadata.chunk_grid.chunk_shape
         if chunk_shape[0] != self.shard_views:
             raise TypeError(f"{name}: chunks are not one cache shard")
@@ -239,9 +250,9 @@ class _ChunkedRows(_ArrayReader):
     def load(self, shard: int) -> np.ndarray:
         fd = self.open(shard)
         try:
-            raw = os.pread(fd, os.fstat(fd).st_size, 0)
+            raw = self.files.pread(fd, self.files.size(fd), 0)
         finally:
-            os.close(fd)
+            self.files.close(fd)
         try:
             return self.chain.decode(raw)
         except Exception as err:
@@ -305,6 +316,7 @@ class ShardReader:
 
     def _reset(self) -> None:
         self._readers: dict[str, Any] = {}
+        self._files: LocalFiles | FsspecFiles | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -313,10 +325,12 @@ class ShardReader:
         """A forked DataLoader worker inherits no threads and maybe a held lock: start afresh."""
         for reader in self._readers.values():
             reader.close()  # this process's copies of the parent's files
+        if self.cache.local_dir is None:  # a remote store's client belongs to the parent's event loop
+            self.cache = FeatureCache.open(self.cache.url)
         self._reset()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_pool", "_lock", "_pid")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_readers", "_files", "_pool", "_lock", "_pid")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -387,12 +401,16 @@ class ShardReader:
     def _make_reader(self, name: str) -> Any:
         if name not in self.cache.arrays:
             raise HgkdError(f"{self.cache.url}: no per-view array named '{name}' in the cache")
-        root = self.cache.local_dir
-        if root is None:
-            return _ZarrRows(self.cache, name)
         try:
             if self.cache.arrays[name].sharded:
-                return _ShardedRows(self.cache, name, root, self.max_open_files)
-            return _ChunkedRows(self.cache, name, root, self.lru_shards)
+                return _ShardedRows(self.cache, name, self._shard_files(), self.max_open_files)
+            return _ChunkedRows(self.cache, name, self._shard_files(), self.lru_shards)
         except TypeError:  # a layout or codec this reader does not handle: zarr-python's path
             return _ZarrRows(self.cache, name)
+
+    def _shard_files(self) -> LocalFiles | FsspecFiles:
+        """The local fast path (``os.pread``) or ranged reads through fsspec, one per reader."""
+        if self._files is None:
+            root = self.cache.local_dir
+            self._files = LocalFiles(root) if root is not None else FsspecFiles(self.cache.url)
+        return self._files
