@@ -48,7 +48,8 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Keep frozen features here (Zarr feature cache), reused by later kNN/probe runs of the "
                           "same model, data and view recipe; default: a temporary folder."),
         click.option("--memory-mb", type=click.FloatRange(0, min_open=True), default=2048, show_default=True,
-                     help="Probes and kNN load at most this much of the feature cache at once."),
+                     help="A probe loads its features whole up to this size, else reads them from the feature cache "
+                          "in shuffled blocks every epoch."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True),
         click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results JSON file."),

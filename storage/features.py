@@ -161,5 +161,10 @@ class FeatureStore:
         for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
             if hi > lo:
                 first = int(chunk_of[lo]) * step
-                out[lo:hi] = array[first:min(first + step, self.num_rows)][rows[lo:hi] - first]
+                try:
+                    chunk = array[first:min(first + step, self.num_rows)]
+                except ValueError as err:  # crc32c: "Stored and computed checksum do not match"
+                    raise HgkdError(f"{self.url}: feature rows {first}.. are damaged ({err}); delete the feature "
+                                    "cache to recompute it") from None
+                out[lo:hi] = chunk[rows[lo:hi] - first]
         return out

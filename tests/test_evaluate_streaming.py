@@ -101,6 +101,17 @@ def test_feature_cache_made_for_other_settings_is_refused(tars, model, tmp_path)
         FeatureStore(zarr.open_group(str(tmp_path / "plain.zarr"), mode="w"), str(tmp_path / "plain.zarr"))
 
 
+def test_damaged_feature_cache_is_one_line(tars, model, tmp_path):
+    data = load_labelled(tars, img_size=32, check=False)
+    store = frozen_features(model, data, tmp_path, shard_rows=16)
+    shard = Path(store.url) / "features" / "c" / "1" / "0"
+    damaged = bytearray(shard.read_bytes())
+    damaged[40] ^= 0xFF  # a byte of the first inner chunk: its crc32c no longer matches
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(HgkdError, match=r"feature rows 16\.\. are damaged .*delete the feature cache"):
+        run_task("knn", model, data, features_dir=tmp_path, img_size=32)
+
+
 def test_block_reading_probe_and_knn_match_in_memory(tars, model, tmp_path):
     data = load_labelled(tars, img_size=32, check=False)
     store = frozen_features(model, data, tmp_path, shard_rows=16)
