@@ -62,8 +62,12 @@ class RandomAccessSource:
         if is_url(url):
             self._check_remote(tar)
             data = self._remote.read(url, offset, size)
-        elif size < 0:
-            return Path(url).read_bytes()
+        elif size < 0:  # a folder's file: its listed size must still hold (the listing may be kept)
+            data = Path(url).read_bytes()
+            if len(data) != self.source.entries[index][1]:
+                raise HgkdError(f"--data {url} changed since its folder was listed ({len(data)} bytes, listed "
+                                f"{self.source.entries[index][1]}); restart to list it again")
+            return data
         else:
             fd = self._handles.get(tar)
             if fd is None:

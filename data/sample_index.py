@@ -10,6 +10,11 @@ does not load (truncated, corrupt, another format) is ignored and rewritten. Wri
 temporary file renamed into place, so a reader never sees half an index, and concurrent
 writers (DDP ranks, nodes) each leave a whole one.
 
+Image folders are listed once the same way (``list_folder``): the listing is kept with the
+modification time of every directory in it, and reused while none changed (a file added,
+removed or renamed changes its directory's time; a file rewritten in place does not, so the
+reader checks each file's size on read).
+
 The directory is ``$HGKD_SAMPLE_INDEX`` if set (``off``: no persistence), else
 ``$XDG_CACHE_HOME/hgkd/sample-index`` (``~/.cache/...``). One that cannot be written
 (read-only file system) only costs the persistence: the scan is used and not kept.
@@ -24,6 +29,7 @@ import os
 import re
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +40,7 @@ from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from ..errors import HgkdError
 from ..remote import is_url, remote_errors, url_fs
-from .sources import IMAGE_EXTS, LABEL_EXTS, parse_label, text_key
+from .sources import IMAGE_EXTS, LABEL_EXTS, parse_label, text_key, walk_images
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +152,17 @@ def save(path: Path, tars: list[TarIndex]) -> bool:
              sizes=np.concatenate([t.sizes for t in tars]) if tars else empty,
              labels=np.concatenate([t.labels for t in tars]) if tars else empty,
              keys=np.frombuffer("\0".join(keys).encode("utf-8"), np.uint8))
+    return _write_atomic(path, buf.getvalue())
+
+
+def _write_atomic(path: Path, blob: bytes) -> bool:
+    """Temporary file in the same folder, then rename; False (logged) when not writable."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
             tmp = f.name
-            f.write(buf.getvalue())
+            f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -185,3 +196,31 @@ def index_tars(urls: list[str], stamps: list[list], directory: Path | None | str
         save(path, tars)
     return tars
 
+
+
+def list_folder(root: str, directory: Path | None | str = "default") -> list[tuple[str, int]]:
+    """An image folder's (relative path, size) entries in ``open_source``'s order, from the kept
+    listing while every directory's modification time is unchanged, else listed (and kept)."""
+    where = index_dir() if directory == "default" else (Path(directory) if directory is not None else None)
+    path = where / ("folder-" + hashlib.sha256(os.path.abspath(root).encode()).hexdigest() + ".json") \
+        if where is not None else None
+    if path is not None:
+        try:
+            kept = json.loads(path.read_text())
+            # a directory changed within 2 s before the listing may change again unseen on a
+            # file system with coarse timestamps ("racy" listing): such a listing is not reused
+            settled = max(kept["dirs"].values()) < kept["listed_ns"] - 2 * 10**9
+            if kept.get("format") == FORMAT and settled and all(
+                    os.stat(os.path.join(root, d)).st_mtime_ns == t for d, t in kept["dirs"].items()):
+                return [(rel, int(size)) for rel, size in kept["files"]]
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("folder listing %s does not load (%s: %s); listing %s again", path, type(err).__name__,
+                        err, root)
+    listed_ns = time.time_ns()
+    files, dirs = walk_images(root)
+    if path is not None:
+        _write_atomic(path, json.dumps({"format": FORMAT, "root": os.path.abspath(root), "dirs": dirs,
+                                        "listed_ns": listed_ns, "files": files}).encode())
+    return files

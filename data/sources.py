@@ -101,20 +101,37 @@ def check_counted(source: DataSource, with_image: int) -> None:
 
 
 def _open_folder(root: str, count: bool = True) -> DataSource:
-    """An image folder (``root/class/img.jpg``), or a folder holding only ``.tar`` shards."""
-    files = sorted(
-        p for p in Path(root).rglob("*")
-        if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
-    )
-    if not files:
+    """An image folder (``root/class/img.jpg``), or a folder holding only ``.tar`` shards.
+    ``count=False`` (stage two): the listing kept by ``sample_index.list_folder`` is reused."""
+    if count:
+        entries = walk_images(root)[0]
+    else:
+        from .sample_index import list_folder  # it builds on this module
+
+        entries = list_folder(root)
+    if not entries:
         shards = sorted(str(p) for p in Path(root).glob("*.tar") if p.is_file())
         if shards:
             return _open_tars([root], shards, count)
         raise HgkdError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) and no .tar shards found in this "
                         "folder; give an image folder (root/class/img.jpg) or tar shards as a brace pattern, "
                         "e.g. 'shards/train-{0000..0009}.tar'")
-    entries = [(str(p.relative_to(root)), p.stat().st_size) for p in files]
     return DataSource("folder", [str(root)], entries, len(entries))
+
+
+def walk_images(root: str) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """An image folder's (relative path, size) entries in sorted path order, and the
+    modification time (ns) of every directory under it (``"."``: the root)."""
+    files, dirs = [], {}
+    for top, subdirs, names in os.walk(root):
+        subdirs.sort()
+        dirs[os.path.relpath(top, root)] = os.stat(top).st_mtime_ns
+        for name in names:
+            path = os.path.join(top, name)
+            if Path(name).suffix.lower().lstrip(".") in IMAGE_EXTS and os.path.isfile(path):
+                files.append((os.path.relpath(path, root), os.path.getsize(path)))
+    files.sort(key=lambda entry: Path(entry[0]).parts)
+    return files, dirs
 
 
 def _iter_folder(source: DataSource) -> Iterator[Sample]:

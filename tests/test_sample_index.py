@@ -130,3 +130,36 @@ def test_a_broken_tar_is_one_line(tmp_path):
     with pytest.raises(HgkdError, match=r"bad\.tar: cannot read this tar shard"):
         open_random_access(str(tmp_path / "bad.tar"), tmp_path / "index")
     assert not (tmp_path / "index").exists()
+
+
+def write_folder(root: Path) -> None:
+    """Two classes of three images; directory times an hour back (a listing of a folder that
+    changed in the last seconds is not reused: coarse file-system clocks)."""
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            (root / cls / f"{i}.jpg").write_bytes(f"{cls}{i}".encode() * 10)
+    for folder in (root, root / "a", root / "b"):
+        os.utime(folder, ns=(folder.stat().st_atime_ns, folder.stat().st_mtime_ns - 3600 * 10**9))
+
+
+def test_a_folder_listing_is_kept_until_a_directory_changes(tmp_path, monkeypatch):
+    root, index = tmp_path / "images", tmp_path / "index"
+    write_folder(root)
+    walks: list[str] = []
+    real = sample_index.walk_images
+    monkeypatch.setattr(sample_index, "walk_images", lambda r: walks.append(r) or real(r))
+    first = open_random_access(str(root), index)
+    assert open_source(str(root)).entries == first.source.entries and len(walks) == 1
+    second = open_random_access(str(root), index)
+    assert len(walks) == 1, "the kept listing is reused"
+    assert contents(second) == contents(first) == expected(str(root))
+    (root / "b" / "9.jpg").write_bytes(b"new image")
+    third = open_random_access(str(root), index)
+    assert len(walks) == 2 and third.source.num_samples == 7 and contents(third) == expected(str(root))
+    open_random_access(str(root), index)
+    assert len(walks) == 3, "a directory changed seconds before the listing: listed again"
+    running = open_random_access(str(root), index)
+    (root / "a" / "0.jpg").write_bytes(b"rewritten in place, another size")  # no directory time changes
+    with pytest.raises(HgkdError, match=r"0\.jpg changed since its folder was listed"):
+        running.read(0)
