@@ -5,7 +5,8 @@ file system, one request per member); stage two needs it on every run and every 
 The index is scanned once per tar and kept in one file per data set:
 ``<dir>/<sha256 of the tar list>.npz`` (numpy arrays, no pickle). Each tar's part carries
 the tar's *stamp* (size, modification time, inode; for a URL size and ETag/modification
-time): a tar whose stamp differs is scanned again, never read at stale offsets. A file that
+time): a tar whose stamp differs is scanned again, never read at stale offsets (a tar
+written in the last 2 s is not kept: a coarse clock could hide its next change). A file that
 does not load (truncated, corrupt, another format) is ignored and rewritten. Writes go to a
 temporary file renamed into place, so a reader never sees half an index, and concurrent
 writers (DDP ranks, nodes) each leave a whole one.
@@ -193,8 +194,14 @@ def index_tars(urls: list[str], stamps: list[list], directory: Path | None | str
             scanned += 1
         tars.append(hit)
     if path is not None and (scanned or len(kept) != len(urls)):
-        save(path, tars)
+        save(path, [t for t in tars if not _racy(t.stamp)])
     return tars
+
+
+def _racy(stamp: list) -> bool:
+    """A local tar modified in the last 2 s may change again unseen by a coarse file-system
+    clock (same size, same mtime): its scan is used but not kept."""
+    return len(stamp) == 3 and stamp[1] > time.time_ns() - 2 * 10**9
 
 
 

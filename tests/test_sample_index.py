@@ -14,11 +14,13 @@ from hgkd.data.sources import open_source
 from hgkd.errors import HgkdError
 
 
-def write_tar(path: Path, tag: str, n: int = 5) -> None:
-    """``n`` samples whose image bytes name the tar's ``tag`` and the sample (equal sizes per tag length)."""
+def write_tar(path: Path, tag: str, n: int = 5, age_s: int = 3600) -> None:
+    """``n`` samples whose image bytes name the tar's ``tag`` and the sample (equal sizes per tag
+    length); modified ``age_s`` ago (a tar written in the last 2 s is scanned but not kept)."""
     with wds.TarWriter(str(path)) as sink:
         for i in range(n):
             sink.write({"__key__": f"{tag}/s{i:03d}", "jpg": f"image {tag} {i:03d} ".encode() * 7, "cls": str(i % 3)})
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - age_s * 10**9))
 
 
 @pytest.fixture
@@ -66,10 +68,8 @@ def test_a_tar_rewritten_with_the_same_size_is_scanned_again(tars, scans, tmp_pa
     open_random_access(tars, index)
     target = tmp_path / "shard-1.tar"
     size = target.stat().st_size
-    write_tar(target, "u1")  # same member sizes and names' lengths: same tar size, other keys and bytes
+    write_tar(target, "u1", age_s=1800)  # same member sizes and names' lengths: same tar size, other keys and bytes
     assert target.stat().st_size == size
-    st = target.stat()
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse clocks: make the change visible
     scans.clear()
     again = open_random_access(tars, index)
     assert scans == [str(target)]
@@ -163,3 +163,13 @@ def test_a_folder_listing_is_kept_until_a_directory_changes(tmp_path, monkeypatc
     (root / "a" / "0.jpg").write_bytes(b"rewritten in place, another size")  # no directory time changes
     with pytest.raises(HgkdError, match=r"0\.jpg changed since its folder was listed"):
         running.read(0)
+
+
+def test_a_tar_written_seconds_ago_is_scanned_but_not_kept(tmp_path, scans):
+    write_tar(tmp_path / "old.tar", "o")
+    write_tar(tmp_path / "new.tar", "n", age_s=0)  # a coarse clock could hide its next rewrite
+    spec = [str(tmp_path / "old.tar"), str(tmp_path / "new.tar")]
+    open_random_access(spec, tmp_path / "index")
+    scans.clear()
+    assert contents(open_random_access(spec, tmp_path / "index"))[-1][0] == "n/s004"
+    assert scans == [str(tmp_path / "new.tar")]
