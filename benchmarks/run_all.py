@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ("extract", "distill", "reader")
+SCRIPTS = ("extract", "distill", "reader", "sample_index", "evaluate")
 
 
 def main() -> None:
