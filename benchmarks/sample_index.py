@@ -37,6 +37,8 @@ def write_tars(root: Path, tars: int, members: int, payload: int) -> str:
         with wds.TarWriter(str(root / f"train-{t:04d}.tar")) as sink:
             for m in range(members):
                 sink.write({"__key__": f"n{t:04d}/img{m:05d}", "jpg": rng.bytes(payload), "cls": str(m % 1000)})
+        path = root / f"train-{t:04d}.tar"  # an hour old, like real shards (a tar written seconds ago is not kept)
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns - 3600 * 10**9))
     return str(root / f"train-{{0000..{tars - 1:04d}}}.tar")
 
 
