@@ -32,6 +32,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -77,17 +78,20 @@ def index_path(directory: Path, urls: list[str]) -> Path:
     return directory / (hashlib.sha256(json.dumps(urls).encode()).hexdigest() + ".npz")
 
 
-def _open_tar(url: str) -> tarfile.TarFile:
+def _open_tar(url: str, stack: ExitStack) -> tarfile.TarFile:
+    """A local tar, or a URL's through fsspec (1 MiB read-ahead: headers of small members)."""
     if not is_url(url):
-        return tarfile.open(url, mode="r:")
+        return stack.enter_context(tarfile.open(url, mode="r:"))
     fs, inner = url_fs(url)
-    return tarfile.open(fileobj=fs.open(inner, "rb", block_size=1 << 20), mode="r:")
+    raw = stack.enter_context(fs.open(inner, "rb", block_size=1 << 20))
+    return stack.enter_context(tarfile.open(fileobj=raw, mode="r:"))
 
 
 def scan_tar(url: str, stamp: list) -> TarIndex:
     """Read one tar's headers (and its small label members): the samples webdataset would yield."""
     def members() -> Iterator[dict]:
-        with _open_tar(url) as tar:
+        with ExitStack() as stack:
+            tar = _open_tar(url, stack)
             for info in tar:
                 name = info.name
                 if not info.isreg() or ("/" not in name and name.startswith(meta_prefix)
