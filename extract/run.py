@@ -232,7 +232,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
         raise HgkdError(f"--shard-views {cfg.shard_views} must be a multiple of --views-per-image {cfg.view.views_per_image}")
     if not 0 <= cfg.rank < cfg.world_size:
         raise HgkdError(f"--rank {cfg.rank} must be in [0, --world-size {cfg.world_size})")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, per_rank=True)  # torchrun: cuda:$LOCAL_RANK per process
     source = open_source(cfg.data)
     teacher = load_teacher(cfg, device)
     cache, grown_from = open_or_create(cfg, build_meta(cfg, teacher, source))

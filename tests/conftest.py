@@ -7,6 +7,16 @@ import os
 # tests run several processes (parallel extraction, DDP) at once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import atexit
+import shutil
+import tempfile
+
+# Stage two's persistent sample index (issue 15) goes to a folder of this test session, not
+# to the user's ~/.cache: tests stay hermetic and leave nothing behind.
+_SAMPLE_INDEX = tempfile.mkdtemp(prefix="hgkd-test-sample-index-")
+os.environ["HGKD_SAMPLE_INDEX"] = _SAMPLE_INDEX
+atexit.register(shutil.rmtree, _SAMPLE_INDEX, True)
+
 import io
 import subprocess
 import sys
