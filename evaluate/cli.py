@@ -6,11 +6,14 @@
 
 Each command writes one JSON record and prints one summary line. Images are read and decoded
 batch by batch (``--workers``); kNN and probes train from a feature cache (``--features-dir``).
+``torchrun --nproc_per_node N -m hgkd.evaluate.cli finetune ...`` fine-tunes with DDP; rank 0
+writes the record.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +67,8 @@ def _run(task: str, out: str, model: str, train: tuple[str, ...], test: tuple[st
 
     given = {name: value for name, value in opts.items() if value is not None}  # unset: the task's default
     record = run_task(task, model, list(train), list(test) or None, **given)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 writes the record
+        return
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

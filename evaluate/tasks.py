@@ -4,11 +4,14 @@ Feature tasks (kNN, probes) first make sure the frozen features of the model on 
 are in the feature cache (``features.frozen_features``: computed once, streamed, resumable),
 then train and test from it. Image tasks (fine-tuning) stream the images every epoch. The
 images that do not decode are found on the way (the cache's status, or one decoding pass) and
-left out before a one-source split, so the split is the same for every task.
+left out before a one-source split, so the split is the same for every task. Under torchrun
+(WORLD_SIZE > 1) image tasks run in the process group (``finetune.process_group``), one device
+per rank; feature tasks are refused there.
 """
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from contextlib import ExitStack
@@ -22,6 +25,7 @@ from ..errors import HgkdError
 from ..storage.features import FeatureStore
 from .data import CROP_PCT, LabelledSet, align_classes, drop_undecodable, keep_decodable, load_labelled, split
 from .features import FeatureRows, decodable, frozen_features, model_device, rows_of
+from .finetune import process_group
 from .models import load_student
 from .probe import MEMORY_MB, knn_eval, linear_probe
 from .registry import TASKS, get_task
@@ -52,8 +56,11 @@ def run_task(task: str, model: str | nn.Module, train: str | list[str] | Labelle
         raise HgkdError(f"{task}: unknown options {unknown}; it takes {sorted(spec.options)}")
     if not isinstance(test, LabelledSet) and not test:
         test = None
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1 and spec.inputs == "features":
+        raise HgkdError(f"{task} runs in one process; only finetune runs under torchrun (WORLD_SIZE={ranks})")
     start = time.perf_counter()
-    dev = resolve_device(device)
+    dev = resolve_device(device, per_rank=ranks > 1)
     backbone = (load_student(model, seed=seed) if isinstance(model, str) else model).to(dev)
     train_set = _load(train, "--train", img_size, crop_pct)
     test_set = None if test is None else align_classes(train_set, _load(test, "--test", img_size, crop_pct))
@@ -64,6 +71,7 @@ def run_task(task: str, model: str | nn.Module, train: str | list[str] | Labelle
                                                        test_fraction, batch_size, workers, memory_mb, options)
         else:
             train_set, test_set = _decodable_split(train_set, test_set, seed, test_fraction, workers)
+            stack.enter_context(process_group(dev))
             result = spec.function()(backbone, train_set, test_set, seed=seed, batch_size=batch_size,
                                      workers=workers, **options)
     sources = [train_set] if test is None else [train_set, test_set]  # a split shares its source's counts
