@@ -23,3 +23,17 @@ def resolve_device(name: str = "auto", *, per_rank: bool = False) -> torch.devic
         return torch.device(name)
     except RuntimeError:
         raise HgkdError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+def join_process_group(device: torch.device) -> bool:
+    """Join torchrun's process group when ``WORLD_SIZE > 1`` and none is joined yet (nccl on
+    CUDA, with ``device`` made current; gloo on CPU). Returns whether this call joined it, so
+    the caller that joined is the one that leaves (``torch.distributed.destroy_process_group``)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True

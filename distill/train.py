@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..devices import resolve_device
+from ..devices import join_process_group, resolve_device
 from ..errors import HgkdError
 from ..pixels import normalize_uint8, pixel_stats
 from ..run_layout import last_checkpoint
@@ -58,12 +58,8 @@ class Dist:
 
 def init_distributed(device: torch.device) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
+    join_process_group(device)
+    return Dist(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else Dist()
 
 
 def build_student(cfg: DistillConfig, embed_dim: int, patch_size: int) -> HgkdStudent:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
+from ..devices import join_process_group
 from ..errors import HgkdError
 from .data import MIN_SCALE, LabelledSet
 from .probe import ProbeHead, batches, class_index, cosine_schedule, model_device, seeded, topk_accuracy
@@ -118,16 +118,12 @@ class GlobalBatchSlices(Sampler[list[int]]):
 def process_group(device: torch.device) -> Iterator[int]:
     """Join torchrun's process group for the block when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)
     and leave it afterwards; yields this process's rank (0 without torchrun)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        yield dist.get_rank() if dist.is_initialized() else 0
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    joined = join_process_group(device)
     try:
-        yield dist.get_rank()
+        yield dist.get_rank() if dist.is_initialized() else 0
     finally:
-        dist.destroy_process_group()
+        if joined:
+            dist.destroy_process_group()
 
 
 def train_epoch(net: nn.Module, loader: DataLoader, classes: Tensor, optimizer: torch.optim.Optimizer,
