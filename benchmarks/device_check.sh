@@ -149,7 +149,7 @@ from pathlib import Path
 import numpy as np, torch
 sys.path.insert(0, "benchmarks")
 from reader import write_photo_shards
-from hgkd.extract.run import ExtractConfig, autocast_dtype, run_extract, teacher_targets
+from hgkd.extract.run import ExtractConfig, autocast_dtype, run_extract
 from hgkd.extract.teachers import create_teacher
 from hgkd.data.views import ViewConfig, sample_mask, view_rng
 
@@ -166,12 +166,12 @@ for name in os.environ["VIT_TEACHERS"].split(","):
     for view in ("masked", "full"):
         with torch.no_grad():
             for _ in range(2):
-                teacher_targets(teacher, views, mask, full_view=view == "full", amp=amp)
+                teacher.targets(views, mask, full_view=view == "full", amp=amp)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             start, n = time.perf_counter(), 0
             while time.perf_counter() - start < 2 or n < 2:
-                teacher_targets(teacher, views, mask, full_view=view == "full", amp=amp)
+                teacher.targets(views, mask, full_view=view == "full", amp=amp)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 n += 1
@@ -192,7 +192,7 @@ with tempfile.TemporaryDirectory() as tmp:
 json.dump(out, open(sys.argv[1], "w"), indent=2)
 EOF
 
-run_part reader 130 "$PY" benchmarks/reader.py "${READER_ARGS[@]}" --out "$OUT_DIR/reader.json"
+run_part reader 180 "$PY" benchmarks/reader.py "${READER_ARGS[@]}" --out "$OUT_DIR/reader.json"
 
 run_part p4c 120 "$PY" benchmarks/distill.py --only p4 --device "$DEV" --arms masked-compiled "${P4_ARGS[@]}" \
   --students resnet50 --out "$OUT_DIR/p4_compiled.json"
@@ -238,3 +238,6 @@ print(f"wrote {out / 'gpu.json'} (gpu: {result['gpu']}; tests: {result.get('test
 EOF
 echo "== done in $(( $(date +%s) - START ))s"
 rm -rf "$PKG"
+# The JSON is written either way; the exit status says whether every part passed.
+failed=$(awk -F'\t' '$2 != "0" {print $1}' "$PARTS" | tr '\n' ' ')
+if [ -n "$failed" ]; then echo "== failed parts: $failed(see $OUT_DIR/device_check.log)"; exit 1; fi
