@@ -17,7 +17,7 @@ import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
 from ..errors import HgkdError
-from ..remote import stamp
+from ..remote import is_url, stamp
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 LABEL_EXTS = ("cls", "cls.txt", "label", "target")
@@ -71,10 +71,10 @@ def open_source(spec: list[str] | str, count: bool = True) -> DataSource:
 def _open_tars(specs: list[str], urls: list[str], count: bool = True) -> DataSource:
     entries, stamps = [], []
     for url in urls:
-        if "://" not in url and not Path(url).is_file():
+        if not is_url(url) and not Path(url).is_file():
             raise HgkdError(f"--data: {url} does not exist (from {' '.join(specs)})")
         if count:  # extraction streams URLs with webdataset: their size is not needed
-            entries.append((url, -1 if "://" in url else os.path.getsize(url)))
+            entries.append((url, -1 if is_url(url) else os.path.getsize(url)))
             continue
         stamps.append(stamp(url))
         if stamps[-1][0] < 0:
