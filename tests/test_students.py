@@ -155,6 +155,24 @@ def test_torch_backends_on_device_equal_masked_on_cpu(name, device, backend):
     assert_same_train_step(reference, twin, VISIBLE_16PX, device)
 
 
+def minkowski_has_cuda() -> bool:
+    """A CUDA device and a MinkowskiEngine built with CUDA (only then is ME imported here)."""
+    if not (HAS_ME and torch.cuda.is_available()):
+        return False
+    import MinkowskiEngine as ME
+    return bool(ME.is_cuda_available())
+
+
+@pytest.mark.skipif(not minkowski_has_cuda(), reason="needs a CUDA device and MinkowskiEngine built with CUDA")
+@pytest.mark.parametrize("visible", [VISIBLE_16PX, VISIBLE_32PX], ids=["16px", "32px"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_minkowski_on_cuda_equals_masked_on_cpu(name, visible):
+    """MinkowskiEngine's CUDA kernels (GPU coordinate maps) give the masked backend's CPU train
+    step: values, active sites, gradients, BN running stats, float64."""
+    reference, twin = twins(name, torch.float64, "minkowski", reference="masked")
+    assert_same_train_step(reference, twin, visible, "cuda")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", TORCH_SPARSE)
 def test_bf16_autocast_train_step_tracks_float32(backend, device):

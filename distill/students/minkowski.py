@@ -37,6 +37,20 @@ def import_minkowski() -> ModuleType:
     return ME
 
 
+def manager_placement(me: ModuleType, device: torch.device) -> dict[str, Any]:
+    """Coordinate-manager arguments for ``device``: CPU maps on the CPU, CUDA maps (PyTorch's
+    caching allocator) on a GPU; a CPU-only MinkowskiEngine build on a GPU is a user error.
+    The map type is always given: ME's own default is CUDA wherever it was built with CUDA."""
+    if device.type == "cpu":
+        return {"coordinate_map_type": me.CoordinateMapType.CPU}
+    if device.type != "cuda" or not me.is_cuda_available():
+        raise HgkdError(f"the 'minkowski' sparse backend cannot run on {device}: this MinkowskiEngine is built "
+                        f"{'CPU-only' if not me.is_cuda_available() else 'for CPU and CUDA only'}; use "
+                        f"--sparse-backend auto (or masked/rows), or --device cpu")
+    return {"coordinate_map_type": me.CoordinateMapType.CUDA,
+            "allocator_type": me.GPUMemoryAllocatorType.PYTORCH}
+
+
 @dataclass
 class MinkowskiMap:
     """Feature rows of one coordinate map of the forward's shared coordinate manager."""
@@ -60,11 +74,8 @@ class MinkowskiOps:
     def from_pixels(cls, images_bchw: Tensor, visible_pix_bhw: Tensor) -> tuple[MinkowskiOps, MinkowskiMap]:
         """One coordinate manager for the whole forward; visible pixels are its stride-1 map."""
         me = import_minkowski()
-        if images_bchw.device.type != "cpu":
-            raise HgkdError(f"the 'minkowski' sparse backend takes CPU tensors only; images are on "
-                            f"{images_bchw.device}: use --sparse-backend masked or --device cpu")
-        manager = me.CoordinateManager(D=2)
-        coords_n3 = visible_pix_bhw.nonzero().int().contiguous()  # (batch, row, col)
+        manager = me.CoordinateManager(D=2, **manager_placement(me, images_bchw.device))
+        coords_n3 = visible_pix_bhw.to(images_bchw.device).nonzero().int().contiguous()  # (batch, row, col)
         key, (unique_n, _) = manager.insert_and_map(coords_n3, [1, 1], "")
         feat_nc = images_bchw.permute(0, 2, 3, 1)[visible_pix_bhw][unique_n]
         b, _, h, w = images_bchw.shape
@@ -111,5 +122,6 @@ class MinkowskiOps:
         coords_n3 = self.manager.get_coordinates(x.key).long()
         index = (coords_n3[:, 0], coords_n3[:, 1] // x.stride, coords_n3[:, 2] // x.stride)
         feat_bhwc = x.feat_nc.new_zeros(b, *grid_hw, x.feat_nc.shape[1]).index_put(index, x.feat_nc)
-        active_bhw = torch.zeros(b, *grid_hw, dtype=torch.bool).index_put(index, torch.tensor(True))
+        active_bhw = torch.zeros(b, *grid_hw, dtype=torch.bool, device=x.feat_nc.device).index_put(
+            index, torch.tensor(True, device=x.feat_nc.device))
         return feat_bhwc.permute(0, 3, 1, 2).contiguous(), active_bhw
