@@ -109,7 +109,10 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
         if not values.get(required):
             raise HgkdError(f"--{required} is required (on the command line or in --config)")
     cfg = DistillConfig.from_dict(values, source=config_file or "options")
-    history = Trainer(cfg, resume=resume).fit()
+    trainer = Trainer(cfg, resume=resume)
+    if trainer.dist.main and cfg.sparse:
+        click.echo(f"sparse backend: {trainer.backend_choice.name} ({trainer.backend_choice.reason})", err=True)
+    history = trainer.fit()
     if history:
         last = history[-1]
         terms = ", ".join(f"{k} {v:.4f}" for k, v in last.items()

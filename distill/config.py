@@ -20,7 +20,7 @@ from ..data.view_config import ViewConfig
 from ..errors import HgkdError
 from ..registry import DEFAULT_METHOD
 
-SPARSE_BACKENDS = ("minkowski", "masked", "rows")
+SPARSE_BACKENDS = ("auto", "minkowski", "masked", "rows")
 STUDENT_MASKS = ("cached", "fresh")
 PAPER_EPOCHS, PAPER_WARMUP_EPOCHS = 100, 40  # Sec. 4.1: 40 warm-up epochs of 100
 
@@ -36,7 +36,9 @@ class DistillConfig:
     method_opts: dict[str, Any] = field(default_factory=dict)  # the method's own hyper-parameters
     optimizer: str = "lamb"  # any timm optimizer name
     student: str = "resnet50"
-    sparse_backend: str = "minkowski"  # how sparse convs run; "masked" = SparK-style emulation, "rows" = active-site rows (issue 13)
+    # how sparse convs run: "auto" = the measured-fastest that runs on the device (issue 20; resolved by the
+    # trainer and saved resolved), "minkowski" = MinkowskiEngine, "masked" = SparK-style emulation, "rows" = active rows
+    sparse_backend: str = "auto"
     sparse: bool = True  # ablation: False = ordinary convs on the zero-filled image
     unet: bool = True  # ablation: False = same-depth plain head on the deepest scale
     similarity: bool = True  # ablation: False = L_mse only

@@ -14,7 +14,7 @@ import csv
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from .data import Batch, whole_batch
 from .methods import DistillMethod, MethodContext, NetDims, create_method, method_class, method_options
 from .outputs import NetOutputs
 from .students import STRIDES, create_encoder
+from .students.backend_choice import choose_sparse_backend
 from .students.model import HgkdStudent
 from .targets import make_targets
 
@@ -91,6 +92,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.device = resolve_device(cfg.device, per_rank=True)
+        self.backend_choice = choose_sparse_backend(cfg.sparse_backend, self.device)
+        cfg = self.cfg = replace(cfg, sparse_backend=self.backend_choice.name)  # config.yaml keeps what ran
         self.dist = init_distributed(self.device)
         torch.manual_seed(cfg.seed)
         self.supervised = method_class(cfg.method).supervised

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import signal
 import subprocess
@@ -13,11 +14,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from hgkd.distill.cli import main as distill_cli
 from hgkd.distill.data import CacheViewDataset
+from hgkd.devices import resolve_device
+from hgkd.distill.students.backend_choice import MEASURED_ORDER, BackendChoice, choose_sparse_backend, minkowski_runs_on
 from hgkd.storage.cache import FeatureCache
 
 
@@ -70,6 +74,36 @@ def test_distill_runs_logs_and_exports_a_dense_timm_resnet(f32_cache, photo_tars
     dense.load_state_dict(load_file(out), strict=True)
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     torch.testing.assert_close(dense.state_dict()["conv1.weight"], ckpt["model"]["encoder.body.conv1.weight"])
+
+
+def test_default_backend_is_auto_printed_once_and_saved_resolved(f32_cache, photo_tars, tmp_path):
+    """No --sparse-backend (issue 20): 'auto' resolves to the measured-fastest backend that runs
+    on this device, says so once, and the run's config.yaml records the backend that ran."""
+    run = tmp_path / "run"
+    args = [a for a in distill_args(f32_cache, photo_tars, str(run), "--epochs", "1", "--warmup-epochs", "0")]
+    i = args.index("--sparse-backend")
+    del args[i : i + 2]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    device = resolve_device("auto")  # CUDA on a GPU machine (benchmarks/device_check.sh runs this test there)
+    expected = choose_sparse_backend("auto", device).name
+    assert expected in MEASURED_ORDER[device.type][:1] + ("masked", "rows")
+    assert result.stderr.count("sparse backend:") == 1
+    assert f"sparse backend: {expected} (auto: fastest measured on {device.type}" in result.stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["sparse_backend"] == expected
+
+
+def test_auto_skips_backends_that_cannot_run(monkeypatch):
+    """The first backend of the device's measured order that runs here is taken; MinkowskiEngine
+    counts only where it imports and supports the device; other devices get plain torch ops."""
+    monkeypatch.setitem(MEASURED_ORDER, "cpu", ("minkowski", "rows"))
+    choice = choose_sparse_backend("auto", torch.device("cpu"))
+    assert choice.name == ("minkowski" if importlib.util.find_spec("MinkowskiEngine") else "rows")
+    assert choose_sparse_backend("auto", torch.device("meta")).name == "masked"
+    assert choose_sparse_backend("rows", torch.device("meta")) == BackendChoice("rows", "chosen with --sparse-backend")
+    if importlib.util.find_spec("MinkowskiEngine"):
+        import MinkowskiEngine as ME
+        assert minkowski_runs_on(torch.device("cuda")) == ME.is_cuda_available()
 
 
 @pytest.mark.parametrize("flag", ["--no-unet", "--no-sparse", "--no-similarity"])
