@@ -173,6 +173,26 @@ def test_minkowski_on_cuda_equals_masked_on_cpu(name, visible):
     assert_same_train_step(reference, twin, visible, "cuda")
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_me), pytest.param(
+    "cuda", marks=pytest.mark.skipif(not minkowski_has_cuda(), reason="needs MinkowskiEngine built with CUDA"))])
+def test_minkowski_under_bf16_autocast_runs_in_float32_and_tracks_it(device):
+    """Under bf16 autocast the 1x1 convs return bfloat16; MinkowskiEngine's kernels take float32
+    only (bf16 crashed them on the GPU), so its layers get float32 features and the train step
+    runs, keeps the mask pattern and stays close to the float32 step."""
+    torch.manual_seed(0)
+    enc32 = randomize_batch_norms(create_encoder("resnet18", backend="minkowski")).to(device)
+    enc16 = copy.deepcopy(enc32)
+    x = images(seed=7).to(device)
+    stages32 = enc32(x, VISIBLE_16PX)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        stages16 = enc16(x, VISIBLE_16PX)
+    loss_of([(f.float().cpu(), a.cpu()) for f, a in stages16]).backward()
+    for s, ((f16, a16), (f32, a32)) in enumerate(zip(stages16, stages32)):
+        assert torch.equal(a16, a32) and not f16.masked_select(~a16[:, None]).any()
+        assert_close_rel(f16.float(), f32.detach(), 0.1, f"bf16 stage {s + 1}")
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc16.parameters())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", TORCH_SPARSE)
 def test_bf16_autocast_train_step_tracks_float32(backend, device):

@@ -51,6 +51,16 @@ def manager_placement(me: ModuleType, device: torch.device) -> dict[str, Any]:
             "allocator_type": me.GPUMemoryAllocatorType.PYTORCH}
 
 
+def me_features(feat_nc: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Features as MinkowskiEngine's kernels take them: float32/float64, contiguous. Under bf16
+    autocast (the CUDA recipe) the 1x1 convs (matmuls) return bfloat16, which ME's kernels do
+    not dispatch on (the first GPU run segfaulted, benchmarks/results/gpu.json part p4me):
+    ME layers run in float32 and the rest of the network stays under autocast."""
+    if dtype is None:
+        dtype = feat_nc.dtype if feat_nc.dtype in (torch.float32, torch.float64) else torch.float32
+    return feat_nc.to(dtype).contiguous()
+
+
 @dataclass
 class MinkowskiMap:
     """Feature rows of one coordinate map of the forward's shared coordinate manager."""
@@ -94,7 +104,8 @@ class MinkowskiOps:
         kernel_vio = weight.permute(3, 2, 1, 0).reshape(k * k, weight.shape[1], weight.shape[0]).contiguous()
         out_key = self.me.CoordinateMapKey(3)  # filled in by ME: the (shared) map at stride * s
         feat_nc = self.me.MinkowskiConvolutionFunction.apply(
-            x.feat_nc, kernel_vio, self._generator(k, s), self.mode, x.key, out_key, self.manager)
+            me_features(x.feat_nc, kernel_vio.dtype), kernel_vio, self._generator(k, s), self.mode, x.key, out_key,
+            self.manager)
         return MinkowskiMap(feat_nc, out_key, x.stride * s)
 
     def batch_norm(self, x: MinkowskiMap, bn: nn.BatchNorm2d) -> MinkowskiMap:
@@ -107,7 +118,7 @@ class MinkowskiOps:
         k, s, _ = pool_params(pool)
         out_key = self.me.CoordinateMapKey(3)
         feat_nc = self.me.MinkowskiLocalPoolingFunction.apply(
-            x.feat_nc, self.me.PoolingMode.LOCAL_MAX_POOLING, self._generator(k, s), x.key, out_key, self.manager)
+            me_features(x.feat_nc), self.me.PoolingMode.LOCAL_MAX_POOLING, self._generator(k, s), x.key, out_key, self.manager)
         return MinkowskiMap(feat_nc, out_key, x.stride * s)
 
     def add(self, x: MinkowskiMap, y: MinkowskiMap) -> MinkowskiMap:
