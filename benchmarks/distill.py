@@ -254,7 +254,8 @@ def print_profile(title: str, row: dict) -> None:
 # ------------------------------------------------------------------ P2 and P5
 def step_throughputs(trainer: Trainer, online: Trainer | None, steps: int, repeats: int) -> dict[str, float]:
     """img/s of a training step: targets in memory, read from the cache, from a live teacher."""
-    batches = [trainer.dataset[rows] for rows, _ in zip(trainer.sampler, range(steps))]
+    # ready on the device: the student-only arm excludes every loader cost (decode, render, token decode)
+    batches = [trainer.dataset[rows].to(trainer.device).ready() for rows, _ in zip(trainer.sampler, range(steps))]
     n_images = sum(len(b.rows) for b in batches)
     device = trainer.device
 

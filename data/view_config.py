@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from ..errors import HgkdError
 
 GRANULARITIES = (16, 32)
+DECODERS = ("pil", "nvjpeg")  # hgkd.data.decoders implements them (torch-free names here, for --help)
 TEACHER_VIEWS = ("masked", "full")  # full: the teacher sees the unmasked view
 
 
@@ -29,6 +30,7 @@ class ViewConfig:
     teacher_view: str = "masked"  # "masked" or "full" (teacher sees the unmasked view)
     seed: int = 0
     views_per_image: int = 1
+    decoder: str = "pil"  # what made the pixels (hgkd.data.decoders): "pil" (CPU) or "nvjpeg" (GPU); old caches: pil
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mask_ratio < 1.0:
@@ -41,13 +43,20 @@ class ViewConfig:
             raise HgkdError(f"--teacher-view {self.teacher_view!r} must be 'masked' or 'full'")
         if self.views_per_image < 1:
             raise HgkdError("--views-per-image must be at least 1")
+        if self.decoder not in DECODERS:
+            raise HgkdError(f"--decoder {self.decoder!r}: choose one of {', '.join(DECODERS)}")
 
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
 
     def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON of the recipe; ``decoder`` only when not ``"pil"``, the decoder of every cache made
+        before it was recorded, so those caches' settings and fingerprints stay what they were."""
+        blob = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if blob["decoder"] == "pil":
+            del blob["decoder"]
+        return blob
 
     @classmethod
     def from_json(cls, blob: dict) -> "ViewConfig":

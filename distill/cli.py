@@ -11,7 +11,7 @@ from click.core import ParameterSource
 import yaml
 
 from ..config import default_of
-from ..data.view_config import GRANULARITIES, TEACHER_VIEWS
+from ..data.view_config import DECODERS, GRANULARITIES, TEACHER_VIEWS
 from ..errors import HgkdError, user_errors
 from ..registry import METHOD_NAMES, STUDENT_NAMES, TEACHER_NAMES
 from .config import SPARSE_BACKENDS, STUDENT_MASKS, DistillConfig, TeacherConfig, load_yaml
@@ -71,6 +71,11 @@ def main(verbose: bool) -> None:
 @click.option("--seed", type=int, default=RUN("seed"), show_default=True)
 @click.option("--workers", type=int, default=RUN("workers"), show_default=True)
 @click.option("--device", default=RUN("device"), show_default=True)
+@click.option("--decoder", type=click.Choice(("cache", *DECODERS)), default=RUN("decoder"), show_default=True,
+              help="What renders the cached views: 'cache' = the decoder that made the teacher's pixels; the run "
+                   "first checks a few views against the pixels the cache kept.")
+@click.option("--allow-decoder-mismatch", is_flag=True, default=RUN("allow_decoder_mismatch"),
+              help="Train although this run's pixels differ from the teacher's (a warning instead of an error).")
 @click.option("--checkpoint-every", type=int, default=RUN("checkpoint_every"), show_default=True, help="Steps between checkpoints (0: epoch ends).")
 @click.option("--online-teacher", metavar="NAME",
               help=f"Run this teacher on every batch instead of reading --cache: {', '.join(TEACHER_NAMES)}.")
@@ -112,6 +117,8 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
     trainer = Trainer(cfg, resume=resume)
     if trainer.dist.main and cfg.sparse:
         click.echo(f"sparse backend: {trainer.backend_choice.name} ({trainer.backend_choice.reason})", err=True)
+    if trainer.dist.main and getattr(trainer.targets, "pixel_check", None):
+        click.echo(trainer.targets.pixel_check, err=True)
     history = trainer.fit()
     if history:
         last = history[-1]

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..config import checked_values, default_of, load_mapping
-from ..data.view_config import ViewConfig
+from ..data.view_config import DECODERS, ViewConfig
 from ..errors import HgkdError
 from ..registry import DEFAULT_METHOD
 
@@ -56,6 +56,10 @@ class DistillConfig:
     seed: int = 0
     workers: int = 2
     device: str = "auto"
+    # what renders the cached views (issue 20): "cache" = the decoder that made the teacher's pixels (recorded in the
+    # cache), or pil / nvjpeg; a pixel difference from the cache's fingerprint stops the run unless allowed
+    decoder: str = "cache"
+    allow_decoder_mismatch: bool = False
     amp: bool = True  # bf16 autocast on CUDA; CPU runs fp32
     checkpoint_every: int = 0  # steps; 0 = at epoch ends only
     log_every: int = 10
@@ -83,6 +87,8 @@ class DistillConfig:
         if not isinstance(self.method_opts, dict):
             raise HgkdError(f"method_opts must be a mapping of option names to values, got {self.method_opts!r}")
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        if self.decoder not in ("cache", *DECODERS):
+            raise HgkdError(f"--decoder {self.decoder!r}: choose one of cache, {', '.join(DECODERS)}")
         if self.sparse_backend not in SPARSE_BACKENDS:
             raise HgkdError(f"--sparse-backend {self.sparse_backend!r}: choose one of {', '.join(SPARSE_BACKENDS)}")
         if self.warmup_epochs is None:

@@ -13,7 +13,7 @@ fly (online teacher, supervised baselines).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -23,28 +23,49 @@ from torch.utils.data import Dataset, Sampler
 from ..errors import HgkdError
 from ..data.random_access import RandomAccessSource, open_random_access
 from ..data.sources import open_source, same_data
-from ..data.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
+from ..data.decoders import DEVICE_DECODERS, PendingViews
+from ..data.views import ViewConfig, decode_image, render_crop, render_view, sample_view
 from ..data.views import student_mask as draw_student_mask
 from ..storage.cache import STATUS_OK, FeatureCache
-from ..storage.codecs import decode_tokens
+from ..storage.codecs import CodecSpec, decode_token_tensors, token_tensors
 from ..storage.reader import ShardReader
 
 @dataclass
 class Batch:
-    """One training batch; ``images`` are uint8, everything else float/bool tensors."""
+    """One training batch; ``images`` are uint8, everything else float/bool tensors.
+
+    A loader worker may leave two things to the device (issue 20): the pixels of a device
+    decoder's views (``pending``) and the decoding of the stored tokens (``token_arrays``,
+    e.g. int8 + scales); :meth:`ready` makes ``images`` and ``tokens`` where the batch is.
+    """
 
     rows: torch.Tensor  # (B,) cache rows
-    images: torch.Tensor  # (B, 3, S, S) uint8, exactly the teacher's view
+    images: torch.Tensor | None  # (B, 3, S, S) uint8, exactly the teacher's view (None: pending)
     visible: torch.Tensor  # (B, gh, gw) bool, True = patch shown
-    tokens: torch.Tensor | None = None  # (B, N, C) float32 teacher tokens (None: online teacher)
+    tokens: torch.Tensor | None = None  # (B, N, C) float32 teacher tokens (None: online teacher or token_arrays)
     valid: torch.Tensor | None = None  # (B, N) bool, teacher produced this token
     pooled: torch.Tensor | None = None  # (B, C) float32 pooled teacher embedding
     labels: torch.Tensor | None = None  # (B,) int64 class labels (supervised methods)
     indices: torch.Tensor | None = None  # (B,) int64 sample indices (instance-level methods)
+    pending: PendingViews | None = None  # views a device decoder renders in ready()
+    token_arrays: dict[str, torch.Tensor] | None = None  # stored (encoded) tokens, decoded in ready()
+    codec: CodecSpec | None = None  # how token_arrays are encoded
 
     def to(self, device: torch.device) -> "Batch":
-        moved = (getattr(self, f) for f in self.__dataclass_fields__)
-        return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in moved))
+        moved = {f: getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__
+                 if isinstance(getattr(self, f), torch.Tensor)}
+        if self.token_arrays is not None:
+            moved["token_arrays"] = {k: v.to(device, non_blocking=True) for k, v in self.token_arrays.items()}
+        return replace(self, **moved)
+
+    def ready(self) -> "Batch":
+        """``images`` and ``tokens`` made on the batch's device (``visible``'s)."""
+        if self.pending is None and self.token_arrays is None:
+            return self
+        device = self.visible.device
+        images = self.pending.render(device) if self.pending is not None else self.images
+        tokens = decode_token_tensors(self.token_arrays, self.codec) if self.token_arrays is not None else self.tokens
+        return replace(self, images=images, tokens=tokens, pending=None, token_arrays=None)
 
 
 def whole_batch(batch: Batch) -> Batch:
@@ -88,7 +109,7 @@ class CacheViewDataset(Dataset):
     """
 
     def __init__(self, cache_url: str, data: list[str], views: int = 0, student_mask: str = "cached",
-                 mask_seed: int = 0) -> None:
+                 mask_seed: int = 0, decoder: str | None = None) -> None:
         self.cache_url = cache_url
         cache = FeatureCache.open(cache_url)
         if not cache.is_complete():
@@ -98,6 +119,7 @@ class CacheViewDataset(Dataset):
             raise HgkdError(f"--data {' '.join(data)} is not the data set the cache was made from "
                             f"(fingerprint differs); pass the same shards/folder as to 'hgkd-extract run'")
         self.view_cfg = ViewConfig.from_json(cache.meta.view)
+        self.decoder = decoder or self.view_cfg.decoder  # default: the one that made the teacher's pixels
         check_student_mask(student_mask, self.view_cfg, f"the masked-view targets of --cache {cache_url}",
                            "use a cache written with --teacher-view full")
         self.student_mask, self.mask_seed = student_mask, mask_seed
@@ -154,27 +176,36 @@ class CacheViewDataset(Dataset):
         return len(self.ok_rows)
 
     def __getitem__(self, rows: list[int]) -> Batch:
-        """The rows' batch; ``rows`` may be :class:`EpochRows` (fresh student masks need the epoch)."""
+        """The rows' batch; ``rows`` may be :class:`EpochRows` (fresh student masks need the epoch).
+        Tokens stay encoded, and a device decoder's pixels are not made here: call ``ready()``."""
         rows_sorted = np.sort(np.asarray(rows, dtype=np.int64))
         cache = self.cache
         names = ["tokens", *cache.codec.aux_arrays(1, 1), "valid", "pooled", "mask", "crop", "flip", "index", "key"]
         raw = self.reader.read(rows_sorted, names)
-        images = []
-        for i, (index, data) in enumerate(zip(raw["index"], self.source.read_many([int(x) for x in raw["index"]]))):
+        blobs = self.source.read_many([int(x) for x in raw["index"]])
+        for i, (index, data) in enumerate(zip(raw["index"], blobs)):
             if data is None or self.source.keys[index] != raw["key"][i]:
                 raise HgkdError(f"--data sample {index} is not cache row {rows_sorted[i]}'s image; data and cache disagree")
-            params = ViewParams(tuple(raw["crop"][i]), bool(raw["flip"][i]), raw["mask"][i].reshape(self.grid))
-            images.append(render_view(decode_image(data), params, self.view_cfg))
+        cfg, crop_b4, flip_b = self.view_cfg, raw["crop"], raw["flip"]
+        if self.decoder in DEVICE_DECODERS:
+            images, pending = None, PendingViews(list(blobs), list(range(len(blobs))), torch.from_numpy(crop_b4),
+                                                 torch.from_numpy(flip_b), cfg.img_size, cfg.interpolation)
+        else:
+            pending = None
+            images = torch.stack([render_crop(decode_image(data), tuple(int(v) for v in crop_b4[i]), bool(flip_b[i]),
+                                              cfg.img_size, cfg.interpolation) for i, data in enumerate(blobs)])
         mask = raw["mask"].reshape(-1, *self.grid)
         if self.student_mask == "fresh":
             mask = fresh_masks(self.view_cfg, self.mask_seed, list(raw["key"]), batch_epoch(rows))
         return Batch(
             rows=torch.from_numpy(rows_sorted),
-            images=torch.stack(images),
+            images=images,
             visible=torch.from_numpy(~mask),
-            tokens=decode_tokens(raw, cache.codec),
             valid=torch.from_numpy(raw["valid"]),
             pooled=torch.from_numpy(raw["pooled"].astype(np.float32)),
+            pending=pending,
+            token_arrays=token_tensors(raw, cache.codec),
+            codec=cache.codec,
         )
 
 

@@ -58,7 +58,7 @@ def fidelity(run_dir: Path, cache_url: str, data: list[str], batch_size: int = 6
     rows = dataset.ok_rows[:max_views]
     cos_sum, n_tokens, err_sum, ref_sum = 0.0, 0, 0.0, 0.0
     for start in range(0, len(rows), batch_size):
-        batch = dataset[rows[start : start + batch_size].tolist()]
+        batch = dataset[rows[start : start + batch_size].tolist()].ready()
         out = model(normalize_uint8(batch.images, mean, std), batch.visible).float()
         valid = batch.valid
         cos_sum += torch.nn.functional.cosine_similarity(out[valid], batch.tokens[valid], dim=-1).sum().item()

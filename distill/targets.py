@@ -16,6 +16,7 @@ import json
 import numpy as np
 import torch
 
+from ..data.decoders import check_decoder
 from ..data.views import ViewConfig
 from ..errors import HgkdError
 from ..extract.teachers import create_teacher, sha256_file
@@ -26,6 +27,7 @@ from .config import DistillConfig
 from .data import Batch, CacheViewDataset, ChunkAwareBatchSampler, OnlineViewDataset, ViewCycleSampler
 from .methods import NetDims
 from .outputs import NetOutputs
+from .pixel_check import check_teacher_pixels
 
 
 class TokenTargets:
@@ -69,7 +71,9 @@ class CachedTargets(TokenTargets):
                             f"use --cache-views")
         self.cache = FeatureCache.open(cfg.cache)
         self.dataset = CacheViewDataset(cfg.cache, cfg.data, views=cfg.cache_views, student_mask=cfg.student_mask,
-                                        mask_seed=cfg.seed)
+                                        mask_seed=cfg.seed, decoder=None if cfg.decoder == "cache" else cfg.decoder)
+        check_decoder(self.dataset.decoder, device)
+        self.pixel_check = check_teacher_pixels(self.dataset, device, cfg.allow_decoder_mismatch)
         self.views = self.dataset.views
         self.embed_dim = int(self.cache.meta.teacher["embed_dim"])
         self.patch_size = int(self.cache.meta.teacher["patch_size"])
@@ -110,6 +114,9 @@ class OnlineTargets(TokenTargets):
         if cfg.cache_views:
             raise HgkdError(f"--cache-views {cfg.cache_views} applies to --cache; with --online-teacher use "
                             f"--online-views")
+        if cfg.decoder not in ("cache", "pil"):
+            raise HgkdError(f"--decoder {cfg.decoder} applies to --cache runs; an online teacher's views are "
+                            f"decoded with pil")
         torch.manual_seed(cfg.seed)
         self.teacher = create_teacher(cfg.online_teacher, checkpoint=cfg.teacher_checkpoint,
                                       img_size=cfg.img_size).to(device)

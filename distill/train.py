@@ -209,7 +209,7 @@ class Trainer:
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.ddp.train()  # student + method only; a classifier teacher stays in eval mode
-        terms = self.losses(self.targets.complete(batch.to(self.device)))
+        terms = self.losses(self.targets.complete(batch.to(self.device).ready()))
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), self.cfg.clip_grad)

@@ -9,7 +9,7 @@ from functools import partial
 import click
 
 from ..config import default_of
-from ..data.view_config import GRANULARITIES, TEACHER_VIEWS, ViewConfig
+from ..data.view_config import DECODERS, GRANULARITIES, TEACHER_VIEWS, ViewConfig
 from ..errors import user_errors
 from ..registry import TEACHER_NAMES
 from ..storage.codecs import COMPRESSORS, TOKEN_CODECS, CodecSpec
@@ -39,6 +39,9 @@ def main(verbose: bool) -> None:
 @click.option("--teacher-view", type=click.Choice(TEACHER_VIEWS), default=VIEW("teacher_view"), show_default=True)
 @click.option("--img-size", default=VIEW("img_size"), show_default=True)
 @click.option("--seed", default=VIEW("seed"), show_default=True, help="Seed of views and masks.")
+@click.option("--decoder", type=click.Choice(DECODERS), default=VIEW("decoder"), show_default=True,
+              help="What makes the teacher's pixels: pil (libjpeg-turbo on the CPU, any machine reproduces them) or "
+                   "nvjpeg (batched on the GPU; stage two then needs a GPU too). Recorded in the cache.")
 @click.option("--batch-size", default=RUN("batch_size"), show_default=True)
 @click.option("--device", default=RUN("device"), show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=RUN("precision"), show_default=True)
@@ -47,7 +50,8 @@ def main(verbose: bool) -> None:
 @click.option("--clevel", default=CODEC("clevel"), show_default=True)
 @click.option("--shard-views", default=RUN("shard_views"), show_default=True,
               help="Views per cache shard (one file per array).")
-@click.option("--workers", default=RUN("workers"), show_default=True, help="Image decoding threads.")
+@click.option("--workers", default=RUN("workers"), show_default=True,
+              help="Threads reading images (and, with --decoder pil, decoding them and rendering views).")
 @click.option("--rank", type=int, envvar="RANK", default=RUN("rank"), show_default=True,
               help="This process's shard set (shard % world-size); torchrun's RANK is used when set.")
 @click.option("--world-size", type=int, envvar="WORLD_SIZE", default=RUN("world_size"), show_default=True,
@@ -62,6 +66,7 @@ def run(**opts) -> None:
     view = ViewConfig(
         img_size=opts["img_size"], mask_ratio=opts["mask_ratio"], mask_granularity=int(opts["mask_granularity"]),
         teacher_view=opts["teacher_view"], seed=opts["seed"], views_per_image=opts["views_per_image"],
+        decoder=opts["decoder"],
     )
     cfg = ExtractConfig(
         data=list(opts["data"]), out=opts["out"], teacher=opts["teacher"], checkpoint=opts["checkpoint"], view=view,
@@ -126,6 +131,7 @@ def repair(cache: str) -> None:
 def info(cache: str, as_json: bool) -> None:
     """Print the cache's metadata, growth history, teacher forwards spent and bytes per view."""
     from ..storage.cache import FeatureCache
+    from ..storage.fingerprint import read_fingerprint
 
     fc = FeatureCache.open(cache)
     cost = fc.cost_summary()
@@ -137,6 +143,10 @@ def info(cache: str, as_json: bool) -> None:
     click.echo(f"teacher    {t['name']} sha256={t['checkpoint_sha256'] or 'random-init'} dim={t['embed_dim']} grid={t['grid']}")
     click.echo(f"views      {fc.view_rows()} ({fc.meta.dataset['num_samples']} samples x {v['views_per_image']}), "
                f"mask {v['mask_ratio']} @ {v['mask_granularity']}px, teacher_view={v['teacher_view']}, seed={v['seed']}")
+    fingerprint = read_fingerprint(fc)
+    click.echo(f"pixels     decoder={v.get('decoder', 'pil')}; "
+               + (f"fingerprint of rows {', '.join(map(str, fingerprint[0]))} (stage two checks them)" if fingerprint
+                  else "no fingerprint (made before issue 20): stage two cannot check its pixels"))
     steps = [f"views {b.view_start}-{b.view_stop - 1} in rows {b.rows.start}-{b.rows.stop - 1}"
              + (f" (grown {b.added})" if b.added else "") for b in fc.blocks]
     click.echo(f"K history  {'; '.join(steps)}")

@@ -35,7 +35,8 @@ from ..version import __version__
 from ..data.sources import DataSource, Sample, open_source
 from .config import ExtractConfig
 from .teachers.base import Teacher, create_teacher, sha256_file
-from ..data.views import ViewConfig, ViewParams, decode_image, render_view, sample_view
+from ..data.decoders import DEVICE_DECODERS, check_decoder, decode_on_device, image_hw
+from ..data.views import ViewConfig, ViewParams, decode_image, render_crop, render_view, sample_view
 from .writer import BackgroundWriter, ShardBuffer
 
 log = logging.getLogger(__name__)
@@ -141,29 +142,52 @@ def _growth_views(cfg: ExtractConfig, meta: CacheMeta, cache: FeatureCache) -> i
 
 @dataclass
 class Prepared:
-    """One decoded sample with its K rendered views, or the reason it was skipped."""
+    """One sample with its K views (rendered, or pending for a device decoder), or the reason it was skipped."""
 
     sample: Sample
     params: list[ViewParams] = field(default_factory=list)
-    views_kchw: torch.Tensor | None = None
+    views_kchw: torch.Tensor | None = None  # None: rendered on the device from ``sample.data``
     src_hw: tuple[int, int] = (0, 0)
     error: str | None = None
     reason: str | None = None  # SKIP_NO_IMAGE or SKIP_UNDECODABLE when skipped
 
+    def skip(self, err: Exception) -> None:
+        """Undecodable/truncated image: skipped and counted."""
+        self.params, self.views_kchw, self.error, self.reason = [], None, f"{type(err).__name__}: {err}", SKIP_UNDECODABLE
+
 
 def prepare_sample(sample: Sample, view_cfg: ViewConfig, view_ids: range | None = None) -> Prepared:
-    """Decode one sample and render views ``view_ids`` (default: all K) on a worker thread."""
+    """Draw views ``view_ids`` (default: all K) of one sample on a worker thread; decode and render
+    them there unless the decoder works on the device (then only the header is read, for the size)."""
     if sample.data is None:
         return Prepared(sample, error="sample has no image member", reason=SKIP_NO_IMAGE)
+    prepared = Prepared(sample)
     try:
-        image = decode_image(sample.data)
-    except Exception as err:  # undecodable/truncated image: skipped and counted
-        return Prepared(sample, error=f"{type(err).__name__}: {err}", reason=SKIP_UNDECODABLE)
-    hw = (int(image.shape[1]), int(image.shape[2]))
+        image = None if view_cfg.decoder in DEVICE_DECODERS else decode_image(sample.data)
+        hw = image_hw(sample.data) if image is None else (int(image.shape[1]), int(image.shape[2]))
+    except Exception as err:  # noqa: BLE001 - skipped and counted
+        prepared.skip(err)
+        return prepared
     view_ids = range(view_cfg.views_per_image) if view_ids is None else view_ids
-    params = [sample_view(view_cfg, sample.key, k, hw) for k in view_ids]
-    views = torch.stack([render_view(image, p, view_cfg) for p in params])
-    return Prepared(sample, params, views, hw)
+    prepared.params, prepared.src_hw = [sample_view(view_cfg, sample.key, k, hw) for k in view_ids], hw
+    if image is not None:
+        prepared.views_kchw = torch.stack([render_view(image, p, view_cfg) for p in prepared.params])
+    return prepared
+
+
+def render_on_device(prepared: list[Prepared], view_cfg: ViewConfig, device: torch.device) -> None:
+    """Fill ``views_kchw`` of the pending samples with one batched decode on ``device``; a sample
+    that cannot be decoded there is skipped like one the CPU cannot decode."""
+    pending = [p for p in prepared if p.error is None and p.views_kchw is None]
+    if not pending:
+        return
+    images = decode_on_device([p.sample.data for p in pending], device)
+    for p, image in zip(pending, images):
+        if isinstance(image, Exception):
+            p.skip(image)
+            continue
+        p.views_kchw = torch.stack([render_crop(image, v.crop_tlhw, v.flip, view_cfg.img_size, view_cfg.interpolation)
+                                    for v in p.params])
 
 
 class Extractor:
@@ -186,6 +210,7 @@ class Extractor:
     def rows_for(self, prepared: list[Prepared], buffer: ShardBuffer, block: RowBlock) -> None:
         """Run the teacher on a batch and put the block's views of each sample into the shard buffer."""
         k_views = block.views_per_sample
+        render_on_device(prepared, self.cfg.view, self.device)
         for p in prepared:
             if p.error is not None:
                 fields = {**self._base_fields(p.sample, block), "status": np.full(k_views, STATUS_SKIPPED, np.uint8)}
@@ -196,7 +221,10 @@ class Extractor:
         if not ok:
             return
         mask_vn = torch.from_numpy(np.stack([v.mask_hw.reshape(-1) for p in ok for v in p.params]))
-        tokens, valid, pooled = self.teacher_outputs(torch.cat([p.views_kchw for p in ok]), mask_vn)
+        views_vchw = torch.cat([p.views_kchw.to(self.device) for p in ok])
+        buffer.keep_fingerprint([block.row(p.sample.index, block.view_start) + k for p in ok for k in range(k_views)],
+                                views_vchw)
+        tokens, valid, pooled = self.teacher_outputs(views_vchw, mask_vn)
         encoded = encode_tokens(tokens, self.cfg.codec)
         encoded.update(pooled=pooled.half().cpu().numpy(), valid=valid.cpu().numpy(), mask=mask_vn.numpy())
         for i, p in enumerate(ok):
@@ -233,6 +261,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
     if not 0 <= cfg.rank < cfg.world_size:
         raise HgkdError(f"--rank {cfg.rank} must be in [0, --world-size {cfg.world_size})")
     device = resolve_device(cfg.device, per_rank=True)  # torchrun: cuda:$LOCAL_RANK per process
+    check_decoder(cfg.view.decoder, device)
     source = open_source(cfg.data)
     teacher = load_teacher(cfg, device)
     cache, grown_from = open_or_create(cfg, build_meta(cfg, teacher, source))

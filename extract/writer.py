@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..storage.cache import STATUS_MISSING, FeatureCache
+from ..storage.fingerprint import MAX_VIEWS, write_fingerprint
 from ..storage.locks import ShardLock
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ShardBuffer:
@@ -31,6 +35,15 @@ class ShardBuffer:
         self.arrays["key"][:] = ""
         self.arrays["label"][:] = -1
         self.skipped: list[dict[str, Any]] = []
+        self.fingerprint: tuple[list[int], list[np.ndarray]] | None = ([], []) if shard == 0 else None
+
+    def keep_fingerprint(self, rows: list[int], views_vchw: "torch.Tensor") -> None:
+        """Shard 0 keeps its first ``MAX_VIEWS`` views' pixels (``storage.fingerprint``)."""
+        if self.fingerprint is None or len(self.fingerprint[0]) >= MAX_VIEWS:
+            return
+        take = MAX_VIEWS - len(self.fingerprint[0])
+        self.fingerprint[0].extend(rows[:take])
+        self.fingerprint[1].extend(views_vchw[:take].cpu().numpy())
 
     def put(self, first_row: int, values: dict[str, np.ndarray]) -> None:
         """Store a batch whose first row (cache-global) is ``first_row``."""
@@ -69,6 +82,8 @@ class BackgroundWriter:
             buffer, record, lock = item
             try:
                 if self._error is None:
+                    if buffer.fingerprint and buffer.fingerprint[0]:  # before the record: a complete shard 0 has it
+                        write_fingerprint(self.cache, np.array(buffer.fingerprint[0]), np.stack(buffer.fingerprint[1]))
                     self.cache.write_shard(buffer.shard, buffer.arrays, record)
             except BaseException as err:  # surfaced in the main thread
                 self._error = err

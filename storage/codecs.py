@@ -39,15 +39,8 @@ class TokenCodec:
     name: str
     token_dtype: str
     encode: Callable[[torch.Tensor], dict[str, np.ndarray]]  # float32 (B, N, C) -> stored arrays
-    decode: Callable[[dict[str, np.ndarray]], torch.Tensor]  # stored arrays -> float32 (B, N, C), CPU
+    decode: Callable[[dict[str, torch.Tensor]], torch.Tensor]  # stored arrays as tensors -> float32 (B, N, C), same device
     aux_arrays: Callable[[int, int], AuxArrays] = lambda num_tokens, dim: {}  # (N, C) -> side arrays
-
-
-def _as_tensor(stored: np.ndarray) -> torch.Tensor:
-    import numpy as np
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(stored))
 
 
 def _encode_int8(x: torch.Tensor, per_channel: bool) -> dict[str, np.ndarray]:
@@ -65,13 +58,11 @@ def _encode_int8(x: torch.Tensor, per_channel: bool) -> dict[str, np.ndarray]:
     return out
 
 
-def _decode_int8(arrays: dict[str, np.ndarray], per_channel: bool) -> torch.Tensor:
-    import torch
-
-    x = _as_tensor(arrays["tokens"]).float()  # a new tensor: scale it in place
-    x.mul_((torch.from_numpy(arrays["token_scale"]).float() / _INT8_MAX).unsqueeze(-1))
+def _decode_int8(arrays: dict[str, torch.Tensor], per_channel: bool) -> torch.Tensor:
+    x = arrays["tokens"].float()  # a new tensor: scale it in place
+    x.mul_((arrays["token_scale"].float() / _INT8_MAX).unsqueeze(-1))
     if per_channel:
-        x.mul_(torch.from_numpy(arrays["channel_scale"]).float().unsqueeze(1))
+        x.mul_(arrays["channel_scale"].float().unsqueeze(1))
     return x
 
 
@@ -82,18 +73,16 @@ def _bf16_encode(x: torch.Tensor) -> dict[str, np.ndarray]:
     return {"tokens": x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}
 
 
-def _bf16_decode(arrays: dict[str, np.ndarray]) -> torch.Tensor:
-    import numpy as np
+def _bf16_decode(arrays: dict[str, torch.Tensor]) -> torch.Tensor:
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(arrays["tokens"]).view(np.int16)).view(torch.bfloat16).float()
+    return arrays["tokens"].view(torch.bfloat16).float()  # stored uint16 bits, carried as int16 (token_tensors)
 
 
 # The codec registry: a new codec is one entry (hgkd-extract --help lists its name from here).
 CODECS: dict[str, TokenCodec] = {c.name: c for c in (
-    TokenCodec("f32", "float32", lambda x: {"tokens": x.cpu().numpy()}, lambda a: _as_tensor(a["tokens"]).float()),
-    TokenCodec("f16", "float16", lambda x: {"tokens": x.half().cpu().numpy()},
-               lambda a: _as_tensor(a["tokens"]).float()),
+    TokenCodec("f32", "float32", lambda x: {"tokens": x.cpu().numpy()}, lambda a: a["tokens"].float()),
+    TokenCodec("f16", "float16", lambda x: {"tokens": x.half().cpu().numpy()}, lambda a: a["tokens"].float()),
     TokenCodec("bf16", "uint16", _bf16_encode, _bf16_decode),
     TokenCodec("int8t", "int8", lambda x: _encode_int8(x, False), lambda a: _decode_int8(a, False),
                lambda n, c: {"token_scale": ((n,), "float32")}),
@@ -151,6 +140,26 @@ def encode_tokens(tokens_bnc: torch.Tensor, spec: CodecSpec) -> dict[str, np.nda
     return spec.token_codec.encode(tokens_bnc.detach().float())
 
 
+def token_tensors(arrays: dict[str, np.ndarray], spec: CodecSpec) -> dict[str, torch.Tensor]:
+    """The stored token arrays (``tokens`` + side arrays) as CPU tensors, still encoded: what a
+    loader worker hands to the trainer (int8 is a quarter of float32 across the process
+    boundary, issue 20) for :func:`decode_token_tensors` on the device."""
+    import numpy as np
+    import torch
+
+    names = ["tokens", *spec.aux_arrays(1, 1)]
+    out = {}
+    for name in names:
+        stored = np.ascontiguousarray(arrays[name])
+        out[name] = torch.from_numpy(stored.view(np.int16) if stored.dtype == np.uint16 else stored)
+    return out
+
+
+def decode_token_tensors(tensors: dict[str, torch.Tensor], spec: CodecSpec) -> torch.Tensor:
+    """Float32 tokens (B, N, C) from :func:`token_tensors`, on the tensors' device."""
+    return spec.token_codec.decode(tensors)
+
+
 def decode_tokens(arrays: dict[str, np.ndarray], spec: CodecSpec) -> torch.Tensor:
     """Inverse of :func:`encode_tokens`: float32 tokens (B, N, C) as a CPU tensor."""
-    return spec.token_codec.decode(arrays)
+    return decode_token_tensors(token_tensors(arrays, spec), spec)

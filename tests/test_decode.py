@@ -1,5 +1,6 @@
-"""``decode_image`` (issue 13, P2c): one copy, channels-last memory, and exactly the pixels and
-rendered views of the previous contiguous decode, for every image mode a data set may hold."""
+"""``decode_image`` (issue 13, P2c; issue 20): one copy, channels-last memory, and exactly the
+pixels and rendered views of Pillow's contiguous decode, for every image mode a data set may hold
+(JPEGs go through torchvision's libjpeg-turbo: every chroma subsampling, progressive, gray, CMYK)."""
 from __future__ import annotations
 
 import io
@@ -30,16 +31,26 @@ def reference_decode(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
+JPEG_VARIANTS = {"JPEG": {}, "JPEG-444": {"subsampling": 0}, "JPEG-422": {"subsampling": 1},
+                 "JPEG-progressive": {"progressive": True}}
+
+
 def encoded(image: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
     pil = Image.fromarray(image)
     pil = pil.convert(mode) if mode else pil
     buf = io.BytesIO()
-    pil.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    if fmt in JPEG_VARIANTS:
+        pil.save(buf, format="JPEG", quality=90, **JPEG_VARIANTS[fmt])
+    else:
+        pil.save(buf, format=fmt)
     return buf.getvalue()
 
 
 CASES = {  # name: (height, width, gray, format, PIL mode to save in)
     "rgb-jpeg": (375, 500, False, "JPEG", None),
+    "rgb-jpeg-444": (375, 500, False, "JPEG-444", None),
+    "rgb-jpeg-422": (333, 500, False, "JPEG-422", None),
+    "rgb-jpeg-progressive": (500, 375, False, "JPEG-progressive", None),
     "gray-jpeg": (333, 500, True, "JPEG", None),
     "cmyk-jpeg": (500, 375, False, "JPEG", "CMYK"),
     "rgba-png": (240, 320, False, "PNG", "RGBA"),

@@ -53,7 +53,7 @@ def test_dataset_batches_are_the_teachers_views_and_tokens(f32_cache, photo_tars
     ds = CacheViewDataset(f32_cache, [photo_tars])
     cache = FeatureCache.open(f32_cache)
     rows = [5, 0, 17]
-    batch = ds[rows]
+    batch = ds[rows].ready()
     assert batch.rows.tolist() == [0, 5, 17]
     np.testing.assert_array_equal(batch.tokens.numpy(), cache.read([0, 5, 17], ["tokens"])["tokens"])
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (3, 3, 64, 64)
@@ -195,7 +195,7 @@ def test_online_teacher_gives_the_cached_targets(f32_cache, photo_tars, tmp_path
     cached = CachedTargets(DistillConfig(**common, cache=f32_cache), torch.device("cpu"))
     cache = FeatureCache.open(f32_cache)
     rows = [0, 2, 4]  # view 0 of samples 0..2: online mode draws view k = e in epoch e, same seed
-    want = cached.dataset[rows]
+    want = cached.dataset[rows].ready()
     got = online.complete(online.dataset[[s * online.row_views for s in range(3)]])  # epoch 0
     assert torch.equal(got.images, want.images) and torch.equal(got.visible, want.visible)
     torch.testing.assert_close(got.tokens, want.tokens, atol=1e-5, rtol=0)

@@ -89,7 +89,7 @@ def test_student_side_view_is_pixel_identical_to_teacher_input(photo_tars, tmp_p
     assert data["flip"].any() and not data["flip"].all()  # both branches exercised
     from hgkd.distill.data import CacheViewDataset
 
-    batch = CacheViewDataset(out, [photo_tars])[list(range(cache.num_views))]  # stage two's loader
+    batch = CacheViewDataset(out, [photo_tars])[list(range(cache.num_views))].ready()  # stage two's loader
     assert torch.equal(batch.images, teacher_saw)
     assert torch.equal(batch.visible.flatten(1), torch.from_numpy(~data["mask"]))
 
@@ -227,7 +227,7 @@ def test_info_reports_metadata_and_size(f32_cache):
     assert result.exit_code == 0
     assert "complete; 3/3 shards" in result.output and "codec=f32" in result.output
     per_view = float(result.output.split("size")[1].split("KiB")[0])
-    arrays = [p for p in Path(f32_cache).iterdir() if p.is_dir() and p.name != "shards"]
+    arrays = [p for p in Path(f32_cache).iterdir() if p.is_dir() and p.name not in ("shards", "fingerprint")]
     on_disk = sum(f.stat().st_size for a in arrays for f in a.rglob("*") if f.is_file())
     assert per_view == pytest.approx(on_disk / 24 / 1024, abs=0.05)
     meta = json.loads(run_cli(["info", "--json", f32_cache]).output)

@@ -80,9 +80,9 @@ def test_epoch_shows_view_e_mod_k_of_every_image_once(f32_cache, grown_cache, ph
         assert all(b.epoch == epoch for b in batches)
         assert sorted(arrays["index"][rows].tolist()) == list(range(N_IMAGES))
         assert set(arrays["view_index"][rows].tolist()) == {epoch % K}
-    batch = targets.dataset[epoch_rows(sampler, 1)[0]]
+    batch = targets.dataset[epoch_rows(sampler, 1)[0]].ready()
     reference = CacheViewDataset(f32_cache, [photo_tars])  # same (image, view) in the image-major cache
-    same = reference[[int(arrays["index"][r]) * K + 1 for r in batch.rows]]
+    same = reference[[int(arrays["index"][r]) * K + 1 for r in batch.rows]].ready()
     assert torch.equal(batch.images, same.images) and torch.equal(batch.tokens, same.tokens)
 
 
@@ -125,7 +125,7 @@ def test_online_fresh_views_differ_per_epoch_and_equal_cache_view_e(f32_cache, p
         got = online.complete(online.dataset[EpochRows(sorted(rows.tolist())[:4], epoch)])
         first[epoch] = got.images
         if epoch < K:  # the cache holds views 0..K-1
-            want = cached[[int(s) * K + epoch for s in got.indices]]
+            want = cached[[int(s) * K + epoch for s in got.indices]].ready()
             assert torch.equal(got.images, want.images) and torch.equal(got.visible, want.visible)
             torch.testing.assert_close(got.tokens, want.tokens, atol=1e-5, rtol=0)
     assert all(not torch.equal(first[0], first[e]) for e in (1, 2, 3))
@@ -140,7 +140,7 @@ def test_online_views_k_gives_the_cached_runs_batches(full_cache, photo_tars, tm
         pairs = list(zip(*(epoch_rows(s, epoch) for s in samplers)))
         assert [list(a) for a, _ in pairs] == [list(b) for _, b in pairs]
         for rows_online, rows_cached in pairs[:2]:
-            got, want = online.complete(online.dataset[rows_online]), cached.dataset[rows_cached]
+            got, want = online.complete(online.dataset[rows_online]), cached.dataset[rows_cached].ready()
             assert torch.equal(got.rows, want.rows) and torch.equal(got.images, want.images)
             assert torch.equal(got.visible, want.visible) and torch.equal(got.valid, want.valid)
             torch.testing.assert_close(got.tokens, want.tokens, atol=1e-5, rtol=0)
@@ -150,7 +150,7 @@ def test_fresh_student_masks_over_a_full_view_cache(full_cache, photo_tars, tmp_
     fresh = make_targets(cfg(photo_tars, tmp_path, cache=full_cache, student_mask="fresh"), CPU)
     stored = CacheViewDataset(full_cache, [photo_tars])
     rows = fresh.dataset.ok_rows[:6].tolist()
-    epochs = [fresh.dataset[EpochRows(rows, e)] for e in range(3)]
+    epochs = [fresh.dataset[EpochRows(rows, e)].ready() for e in range(3)]
     assert all(b.valid.all() for b in epochs)  # full view: L_mse covers every token
     assert all(torch.equal(b.tokens, epochs[0].tokens) and torch.equal(b.images, epochs[0].images) for b in epochs)
     assert all((b.visible.flatten(1).sum(1) == 8).all() for b in epochs)  # the cache's mask ratio 0.5
