@@ -32,6 +32,7 @@ from ..storage.locks import creation_lock
 from ..storage.metadata import SKIP_NO_IMAGE, SKIP_UNDECODABLE, CacheMeta
 from ..storage.shards import claim_shard, completion_record
 from ..version import __version__
+from ..data.random_access import RandomAccessSource
 from ..data.sources import DataSource, Sample, open_source
 from .config import ExtractConfig
 from .teachers.base import Teacher, create_teacher, sha256_file
@@ -262,7 +263,10 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
         raise HgkdError(f"--rank {cfg.rank} must be in [0, --world-size {cfg.world_size})")
     device = resolve_device(cfg.device, per_rank=True)  # torchrun: cuda:$LOCAL_RANK per process
     check_decoder(cfg.view.decoder, device)
-    source = open_source(cfg.data)
+    # the sample index (member offsets, kept between runs) instead of a counting pass over every
+    # byte; each decode thread then reads its own samples with os.pread / ranged requests
+    source = open_source(cfg.data, count=False)
+    access = RandomAccessSource(source)
     teacher = load_teacher(cfg, device)
     cache, grown_from = open_or_create(cfg, build_meta(cfg, teacher, source))
     extractor = Extractor(cfg, teacher, device)
@@ -274,7 +278,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool, _storage_errors(cfg.out, writer):
         for block in cache.blocks:
-            written += _fill_block(cache, block, source, cfg, done, pool, extractor, writer, bar)
+            written += _fill_block(cache, block, access, cfg, done, pool, extractor, writer, bar)
     bar.close()
     complete = cache.finalize()
     seconds = time.perf_counter() - start
@@ -284,29 +288,26 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
     return ExtractReport(cache, written, views, seconds, extractor.teacher_seconds, complete, grown_from)
 
 
-def _fill_block(cache: FeatureCache, block: RowBlock, source: DataSource, cfg: ExtractConfig, done: set[int],
-                pool: ThreadPoolExecutor, extractor: Extractor, writer: BackgroundWriter, bar: tqdm) -> list[int]:
-    """Write this process's pending shards of one row block (one pass over the data up to the last)."""
+def _fill_block(cache: FeatureCache, block: RowBlock, access: RandomAccessSource, cfg: ExtractConfig,
+                done: set[int], pool: ThreadPoolExecutor, extractor: Extractor, writer: BackgroundWriter,
+                bar: tqdm) -> list[int]:
+    """Write this process's pending shards of one row block; other shards' samples are not read."""
     shards = cache.shards_of(block)
     todo = [s for s in shards if s % cfg.world_size == cfg.rank and s not in done]
-    if not todo:
-        return []
-    samples = iter(source)
     samples_per_shard = cache.shard_views // block.views_per_sample
     batch_samples = max(1, cfg.batch_size // block.views_per_sample)
     view_ids = range(block.view_start, block.view_stop)
     written = []
-    for shard in range(shards.start, todo[-1] + 1):
-        shard_samples = islice(samples, samples_per_shard)
+    for shard in todo:
         lock = claim_shard(cache, shard, cfg.rank, cfg.world_size, done)
         if lock is False:
-            for _ in shard_samples:  # consume without decoding
-                pass
             continue
         if cache.clear_shard(shard):  # files of a writer killed mid-shard: never write into a torn file
             log.info("shard %d: removed the files an unfinished write left", shard)
         buffer = ShardBuffer(cache, shard)
-        for prepared in _prefetched(pool, _batched(shard_samples, batch_samples), cfg.view, view_ids):
+        first = (shard - shards.start) * samples_per_shard
+        indices = iter(range(first, min(first + samples_per_shard, block.num_samples)))
+        for prepared in _prefetched(pool, _batched(indices, batch_samples), access, cfg.view, view_ids):
             extractor.rows_for(prepared, buffer, block)
             bar.update(len(prepared) * block.views_per_sample)
         record = completion_record(cache, shard, buffer.rows, buffer.arrays["status"], buffer.skipped)
@@ -326,12 +327,18 @@ def _storage_errors(out: str, writer: BackgroundWriter) -> Iterator[None]:
                         "the storage, then re-run the same command to resume") from None
 
 
-def _prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[Sample]], view_cfg: ViewConfig,
-                view_ids: range) -> Iterator[list[Prepared]]:
-    """Prepared batches, decoding batch i+1 on the pool while the caller runs batch i."""
+def read_and_prepare(access: RandomAccessSource, index: int, view_cfg: ViewConfig, view_ids: range) -> Prepared:
+    """Read sample ``index``'s bytes (on a worker thread: pread releases the GIL), then prepare it."""
+    sample = Sample(index, access.keys[index], access.read(index), int(access.labels[index]))
+    return prepare_sample(sample, view_cfg, view_ids)
+
+
+def _prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[int]], access: RandomAccessSource,
+                view_cfg: ViewConfig, view_ids: range) -> Iterator[list[Prepared]]:
+    """Prepared batches, reading and decoding batch i+1 on the pool while the caller runs batch i."""
     pending = None
     for batch in batches:
-        futures = [pool.submit(prepare_sample, sample, view_cfg, view_ids) for sample in batch]
+        futures = [pool.submit(read_and_prepare, access, index, view_cfg, view_ids) for index in batch]
         if pending is not None:
             yield [f.result() for f in pending]
         pending = futures
