@@ -1,40 +1,49 @@
 #!/usr/bin/env bash
 # One prepared check for a GPU machine (issues 13, 20). In under 9 minutes it runs, each part
-# time-boxed so one failure loses nothing else:
+# time-boxed so one failure loses nothing else, in this order:
 #   env      torch / CUDA / GPU name
-#   tests    the device-dependent tests (tests/test_students.py -k cuda: CUDA equality, bf16
-#            autocast, compiled BN; MinkowskiEngine tests skip where it is absent; without pytest,
-#            an inline equality check) + tests/test_decode.py (this CPU's resize kernels)
+#   tests    the device-dependent tests: tests/test_students.py -k cuda (CUDA equality, bf16 autocast,
+#            compiled BN), tests/test_decode*.py (this CPU's decode and resize; nvJPEG extraction and
+#            stage two with its pixel check), stage two's CLI with default options (without pytest:
+#            an inline equality check)
 #   p4       student fwd+bwd vs plain dense timm: ResNet-18/50, 224 px, batch 128, bf16, 16/32 px
-#   p2       training step from the cache vs in memory vs live CAE-L teacher (+ P5 queue share)
-#   vit      ViT-L/16 extraction throughput (MAE-L, CAE-L; random init; bf16; masked and full view)
-#   reader   P2b cache reader + P2c CacheViewDataset loader (CPU side of the machine)
+#   p2       training step fed by the loader (decoders pil and nvjpeg) vs batches ready on the device
+#            vs a live CAE-L teacher (+ P5 queue share)
+#   vit      ViT-L/16 bare forward (MAE-L, CAE-L; random init; bf16; masked and full view) and stage
+#            one end to end per decoder (pil, nvjpeg)
+#   me       MinkowskiEngine on CUDA: a carried wheel (ME_WHEEL) or a time-boxed foreground build from the
+#            sdist and OpenBLAS .debs in ME_CARRY (default .devcarry; device_me_build.sh), then its CUDA tests
+#            and P4 with the minkowski arm in fp32 and under bf16 autocast
 #   decode   nvJPEG batched decode + crop/resize/flip on the GPU vs PIL in one core, pixel difference
+#   reader   P2b cache reader + P2c CacheViewDataset loader (CPU side of the machine)
 #   p4c      P4 for the masked backend with torch.compile'd BatchNorm (Triton)
-#   me       only when the background CUDA MinkowskiEngine build (device_me_build.sh, started after
-#            env at nice 19, from the sdist and OpenBLAS .debs in CARRY_DIR=.devcarry) finished: the
-#            ME-on-CUDA equality tests and P4 for the minkowski arm
 # and writes OUT/gpu.json (every part's goals in one `goals` object, the GPU's name, each
 # part's exit code and seconds) and OUT/device_check.log (all output).
 #
-# Usage: benchmarks/device_check.sh [OUT_DIR] [--dry-run] [--budget SECONDS]
+# Usage: benchmarks/device_check.sh [OUT_DIR] [--dry-run] [--budget SECONDS] [--parts env,tests,me,...]
 #   OUT_DIR: default $OUT, else benchmarks/results/device_check.
 #   --dry-run: CPU, every size shrunk: checks the script end to end (a few minutes on 2 cores).
+#   --parts: the parts to run (default all, in the order above; a second run on a short lease
+#            re-measures only what changed)
 #   --budget: wall seconds for all parts (default 530; dry run 900); a part starts only with
 #             >= 20 s left and gets at most what is left (parts run in order of importance).
-# Environment: PYTHON (default python3); ME_CARRY (default .devcarry: no ME build without its sdist). Wheels the machine lacks (zarr, numcodecs, webdataset,
-# crc32c, pytest) go on PYTHONPATH before the call; MinkowskiEngine is not needed. The repository
+# Environment: PYTHON (default python3); ME_CARRY (default .devcarry: no ME build without its sdist);
+# ME_WHEEL (a MinkowskiEngine wheel built on such a machine before: installed instead of building).
+# Wheels the machine lacks (zarr, numcodecs, webdataset, crc32c, msgspec, donfig, google-crc32c,
+# braceexpand) go on PYTHONPATH before the call. The repository
 # root is made importable as package `hgkd` through a symlink in a temporary folder.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DRY=0
 BUDGET=""
+PARTS_WANTED="env,tests,p4,p2,vit,me,decode,reader,p4c"
 OUT_DIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --budget) BUDGET="$2"; shift ;;
+    --parts) PARTS_WANTED="$2"; shift ;;
     -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) OUT_DIR="$1" ;;
   esac
@@ -58,8 +67,10 @@ PARTS="$OUT_DIR/parts.tsv"
 echo "== device_check $(date -u +%FT%TZ) repo=$REPO out=$OUT_DIR dry_run=$DRY budget=${BUDGET}s python=$PY"
 
 # run_part NAME CAP_SECONDS CMD...: time-boxed, output tee'd, exit code and seconds recorded.
+wanted() { [[ ",$PARTS_WANTED," == *",$1,"* ]]; }
 run_part() {
   local name=$1 cap=$2; shift 2
+  wanted "${name%%_*}" || return 0
   local left=$(( BUDGET - ($(date +%s) - START) ))
   if [ "$left" -lt 20 ]; then
     echo "== [$name] skipped: ${left}s of the budget left"
@@ -89,7 +100,7 @@ else
   DEV=cuda
   P4_ARGS=(--students resnet18,resnet50 --batches 128 --img 224 --rounds 5 --warmup 2 --granularities 16,32)
   P2_ARGS=(--p2-student resnet50 --p2-batch 128 --workers 12 --steps 4 --p2-repeats 2 --img 224 --p2-goal 0.9)
-  VIT_TEACHERS=mae_vit_large_patch16,cae_large_patch16 VIT_IMG=224 VIT_BATCH=256 VIT_PHOTOS=1024
+  VIT_TEACHERS=${VIT_TEACHERS:-mae_vit_large_patch16,cae_large_patch16} VIT_IMG=224 VIT_BATCH=256 VIT_PHOTOS=2048
   READER_ARGS=(--views 2048 --codecs int8ct --repeats 2 --batches 32 --photos 512 --photo-views 1024 --view-batches 16)
   DECODE_ARGS=(--photos 512 --batch 256 --seconds 3)
   # the CUDA-relevant tests (the rest runs on CPU machines), decode on this CPU, and stage two's CLI
@@ -120,23 +131,8 @@ if os.environ["DEV"] == "cuda" and not info["cuda_available"]:
     sys.exit("CUDA is not available: the GPU parts will fail")
 EOF
 
-# The CUDA MinkowskiEngine build runs beside the parts at nice 19 (it takes only idle cores);
-# the `me` part at the end waits for it while budget is left.
-ME_CARRY=${ME_CARRY:-$REPO/.devcarry}
-ME_SITE=$(mktemp -d /tmp/hgkd_me_site.XXXXXX)
-ME_PID=""
-if [ "$DEV" = cuda ] && [ -f "$ME_CARRY/MinkowskiEngine-0.5.4.tar.gz" ]; then
-  me_cap=$(( BUDGET - ($(date +%s) - START) - 60 ))
-  echo "== [me_build] background, time box ${me_cap}s, log $OUT_DIR/me_build.log"
-  nice -n 19 timeout --kill-after=10 "$me_cap" bash "$REPO/benchmarks/device_me_build.sh" "$ME_CARRY" "$OUT_DIR" "$ME_SITE" \
-    > "$OUT_DIR/me_build.out" 2>&1 &
-  ME_PID=$!
-else
-  echo "== [me_build] not started (device $DEV; sdist in $ME_CARRY: $([ -f "$ME_CARRY/MinkowskiEngine-0.5.4.tar.gz" ] && echo yes || echo no))"
-fi
-
 if [ -z "${HGKD_NO_PYTEST:-}" ] && "$PY" -c "import pytest" 2>/dev/null; then
-  run_part tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_students.py tests/test_decode.py tests/test_distill.py \
+  run_part tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_students.py tests/test_decode.py tests/test_distill.py tests/test_decoders.py \
     ${TEST_K:+-k "$TEST_K"} --junitxml="$OUT_DIR/tests.xml"
 else
   echo "== [tests] pytest is missing: running the CUDA equality checks without it"
@@ -166,7 +162,8 @@ run_part p2 150 "$PY" benchmarks/distill.py --only p2 --device "$DEV" "${P2_ARGS
 
 run_part vit 120 "$PY" - "$OUT_DIR/vit.json" <<'EOF'
 """ViT-L/16 extraction throughput: bare teacher forward (bf16 on CUDA) on masked and full views,
-and stage one end to end (decode, render, teacher, encode, Zarr writes) on ImageNet-like JPEGs."""
+and stage one end to end (read, decode, render, teacher, encode, Zarr writes) on ImageNet-like
+JPEGs, per decoder (pil; nvjpeg on CUDA)."""
 import json, os, sys, tempfile, time
 from pathlib import Path
 import numpy as np, torch
@@ -201,24 +198,58 @@ for name in os.environ["VIT_TEACHERS"].split(","):
         out["forward_views_per_s"][f"{name}/{view}"] = n * batch / (time.perf_counter() - start)
         print(f"{name} {view} view: {out['forward_views_per_s'][f'{name}/{view}']:,.0f} views/s", flush=True)
     del teacher
+name = os.environ["VIT_TEACHERS"].split(",")[-1]
+out["run_extract"], out["goals"] = {}, {}
 with tempfile.TemporaryDirectory() as tmp:
     data = write_photo_shards(Path(tmp) / "photos", photos)
-    name = os.environ["VIT_TEACHERS"].split(",")[-1]
-    ecfg = ExtractConfig(data=[data], out=str(Path(tmp) / "cache.zarr"), teacher=name, device=str(dev),
-                         view=ViewConfig(img_size=img, views_per_image=2), batch_size=batch,
-                         shard_views=256, workers=min(12, os.cpu_count() or 1), progress=False)
-    report = run_extract(ecfg)
-    out["run_extract"] = {"teacher": name, "views": report.views_written, "views_per_s": report.views_written / report.seconds,
-                          "teacher_share": report.teacher_seconds / report.seconds, "workers": ecfg.workers}
-    print(f"run_extract {name}: {out['run_extract']['views_per_s']:,.0f} views/s, "
-          f"teacher {100 * out['run_extract']['teacher_share']:.0f}% of wall", flush=True)
-ratio = out["run_extract"]["views_per_s"] / out["forward_views_per_s"][f"{name}/masked"]
-out["goals"] = {"extract_end_to_end_vs_bare_forward": {
-    "value": ratio, "goal": 0.9, "met": ratio >= 0.9,
-    "measure": f"run_extract views/s (decode, render, {name} masked bf16, encode, Zarr writes; "
-               f"{ecfg.workers} decode workers, batch {batch}) / bare teacher forward views/s, same batch"}}
+    for decoder in ["pil"] + (["nvjpeg"] if dev.type == "cuda" else []):
+        ecfg = ExtractConfig(data=[data], out=str(Path(tmp) / f"cache-{decoder}.zarr"), teacher=name, device=str(dev),
+                             view=ViewConfig(img_size=img, views_per_image=2, decoder=decoder), batch_size=batch,
+                             shard_views=256, workers=min(12, os.cpu_count() or 1), progress=False)
+        report = run_extract(ecfg)
+        row = out["run_extract"][decoder] = {
+            "teacher": name, "views": report.views_written, "views_per_s": report.views_written / report.seconds,
+            "teacher_share": report.teacher_seconds / report.seconds, "workers": ecfg.workers}
+        print(f"run_extract {name} decoder {decoder}: {row['views_per_s']:,.0f} views/s, "
+              f"teacher {100 * row['teacher_share']:.0f}% of wall", flush=True)
+        ratio = row["views_per_s"] / out["forward_views_per_s"][f"{name}/masked"]
+        out["goals"][f"extract_end_to_end_{decoder}_vs_bare_forward"] = {
+            "value": ratio, "goal": 0.9, "met": ratio >= 0.9,
+            "measure": f"run_extract views/s ({photos} photos x 2 views: read, decode ({decoder}), render, {name} "
+                       f"masked bf16, encode, Zarr writes; {ecfg.workers} reader threads, batch {batch}) / bare "
+                       f"teacher forward views/s, same batch"}
 json.dump(out, open(sys.argv[1], "w"), indent=2)
 EOF
+
+# MinkowskiEngine on CUDA: a carried wheel (ME_WHEEL) or a time-boxed build from the carried sdist and
+# OpenBLAS .debs (device_me_build.sh: 129 s on 16 cores), in the foreground so that no measured part
+# shares the CPU with the compiler; then its CUDA tests and P4 (fp32, and bf16 autocast).
+ME_CARRY=${ME_CARRY:-$REPO/.devcarry}
+ME_SITE=$(mktemp -d /tmp/hgkd_me_site.XXXXXX)
+if wanted me && [ "$DEV" = cuda ]; then
+  if [ -n "${ME_WHEEL:-}" ] && [ -f "$ME_WHEEL" ]; then
+    run_part me_install 60 "$PY" -m pip install -q --no-deps --no-index --target "$ME_SITE" "$ME_WHEEL"
+    for deb in "$ME_CARRY"/*.deb; do dpkg -x "$deb" "$ME_SITE/blas"; done  # its OpenBLAS, at run time
+    printf '{"ok": true, "reason": "carried wheel %s", "seconds": 0}\n' "$(basename "$ME_WHEEL")" > "$OUT_DIR/me_build.json"
+  elif [ -f "$ME_CARRY/MinkowskiEngine-0.5.4.tar.gz" ]; then
+    run_part me_build 240 bash "$REPO/benchmarks/device_me_build.sh" "$ME_CARRY" "$OUT_DIR" "$ME_SITE"
+    [ -f "$OUT_DIR/me_build.json" ] || printf '{"ok": false, "reason": "time box: not built within its time box"}\n' \
+      > "$OUT_DIR/me_build.json"
+  fi
+  cat "$OUT_DIR/me_build.json" 2>/dev/null
+  if grep -q '"ok": true' "$OUT_DIR/me_build.json" 2>/dev/null; then
+    for blas in "$ME_SITE"/blas-lib "$ME_SITE"/blas/usr/lib/x86_64-linux-gnu "$ME_SITE"/blas/usr/lib/x86_64-linux-gnu/openblas-pthread; do
+      [ -d "$blas" ] && export LD_LIBRARY_PATH="$blas${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+    export PYTHONPATH="$ME_SITE:$PYTHONPATH"
+    run_part me_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_students.py -k "minkowski and cuda" \
+      --junitxml="$OUT_DIR/tests_me.xml"
+    for prec in fp32 bf16; do
+      run_part me_p4_$prec 60 "$PY" benchmarks/distill.py --only p4 --device "$DEV" --arms minkowski,rows \
+        "${P4_ARGS[@]}" --students resnet50 --rounds 3 --precision "$prec" --out "$OUT_DIR/p4_minkowski_$prec.json"
+    done
+  fi
+fi
 
 run_part decode 60 "$PY" benchmarks/gpu_decode.py --device "$DEV" "${DECODE_ARGS[@]}" --out "$OUT_DIR/decode.json"
 
@@ -226,23 +257,6 @@ run_part reader 180 "$PY" benchmarks/reader.py "${READER_ARGS[@]}" --out "$OUT_D
 
 run_part p4c 120 "$PY" benchmarks/distill.py --only p4 --device "$DEV" --arms masked-compiled "${P4_ARGS[@]}" \
   --students resnet50 --out "$OUT_DIR/p4_compiled.json"
-
-if [ -n "$ME_PID" ]; then
-  left=$(( BUDGET - ($(date +%s) - START) - 75 ))
-  echo "== [me_build] waiting up to ${left}s for the build"
-  while kill -0 "$ME_PID" 2>/dev/null && [ $(( BUDGET - ($(date +%s) - START) )) -gt 75 ]; do sleep 2; done
-  kill -0 "$ME_PID" 2>/dev/null && { kill -- "$ME_PID"; pkill -f device_me_build.sh; sleep 1; }
-  [ -f "$OUT_DIR/me_build.json" ] || printf '{"ok": false, "reason": "time box: not finished within the budget", "seconds": %d}\n' \
-    "$(( $(date +%s) - START ))" > "$OUT_DIR/me_build.json"
-  cat "$OUT_DIR/me_build.json"
-  if grep -q '"ok": true' "$OUT_DIR/me_build.json"; then
-    export PYTHONPATH="$ME_SITE:$PYTHONPATH" LD_LIBRARY_PATH="$ME_SITE/blas-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    run_part me 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_students.py -k minkowski_on_cuda \
-      --junitxml="$OUT_DIR/tests_me.xml"
-    run_part p4me 60 "$PY" benchmarks/distill.py --only p4 --device "$DEV" --arms minkowski "${P4_ARGS[@]}" \
-      --students resnet50 --rounds 2 --out "$OUT_DIR/p4_minkowski.json"
-  fi
-fi
 
 echo "== combine"
 "$PY" - "$OUT_DIR" "$DRY" <<'EOF'
@@ -263,11 +277,11 @@ result = {"gpu": env.get("gpu") or ("none (CPU dry run)" if dry else None), "dry
           "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env, "parts": parts, "goals": {}}
 for part, file in (("p2", "p2.json"), ("p4", "p4.json"), ("p4c", "p4_compiled.json"), ("reader", "reader.json"),
                    ("vit", "vit.json"), ("decode", "decode.json"), ("me_build", "me_build.json"),
-                   ("p4me", "p4_minkowski.json")):
+                   ("p4me_fp32", "p4_minkowski_fp32.json"), ("p4me_bf16", "p4_minkowski_bf16.json")):
     blob = load(file)
     if blob is None:
         continue
-    suffix = {"p4c": "_compiled_bn", "p4me": "_minkowski_only"}.get(part, "")
+    suffix = {"p4c": "_compiled_bn", "p4me_fp32": "_with_minkowski_fp32", "p4me_bf16": "_with_minkowski_bf16"}.get(part, "")
     for goal, row in blob.pop("goals", {}).items():
         result["goals"][goal + suffix] = {**row, "part": part}
     result[part] = blob

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Time-boxed CUDA build of MinkowskiEngine 0.5.4 on a GPU machine without a package registry
-# (issue 20, item 5). Called by device_check.sh in the background at nice 19, so the measured
-# parts keep the CPU; writes OUT_DIR/me_build.json: {"ok", "seconds", "reason", "wheel"} where
+# (issue 20, item 5). Called by device_check.sh (in the foreground: no measured part shares the
+# CPU with the compiler); writes OUT_DIR/me_build.json (and the wheel in OUT_DIR/wheel/): {"ok", "seconds", "reason", "wheel"} where
 # reason is the build's first error line when it fails.
 #
 # Usage: benchmarks/device_me_build.sh CARRY_DIR OUT_DIR SITE_DIR
@@ -70,4 +70,5 @@ WHEEL=$(ls "$WORK"/dist/*.whl 2>/dev/null | head -n1)
 (cd /tmp && PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
   "import MinkowskiEngine as ME, sys; sys.exit(0 if ME.is_cuda_available() else 'built without CUDA')") >>"$LOG" 2>&1 \
   || finish 0 "built but does not import with CUDA: $(tail -n1 "$LOG")"
+mkdir -p "$OUT_DIR/wheel" && cp "$WHEEL" "$OUT_DIR/wheel/"  # kept: a later run on such a machine installs it (ME_WHEEL)
 finish 1 "built and imports with CUDA" "$(basename "$WHEEL")"

@@ -142,3 +142,18 @@ def test_info_names_the_decoder_and_the_fingerprint(f32_cache):
     meta = json.loads(run_cli(["info", "--json", f32_cache]).output)
     assert "decoder" not in meta["view"]
     assert "pixels     decoder=pil; fingerprint of rows 0, 1, 2, 3" in run_cli(["info", f32_cache]).output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA device")
+def test_nvjpeg_cache_on_cuda_trains_on_its_own_pixels_and_refuses_pil(photo_tars, tmp_path):
+    """On a GPU (benchmarks/device_check.sh runs this): a cache extracted with nvJPEG records it,
+    stage two re-renders its fingerprint exactly with nvJPEG, and refuses the CPU decoder's pixels."""
+    cache = str(tmp_path / "nv.zarr")
+    result = run_cli(extract_args(photo_tars, cache, "--decoder", "nvjpeg", "--device", "cuda"))
+    assert result.exit_code == 0, result.output
+    assert "decoder=nvjpeg" in run_cli(["info", cache]).output
+    ok = invoke(distill_args(cache, photo_tars, str(tmp_path / "run"), "--epochs", "1", "--warmup-epochs", "0"))
+    assert ok.exit_code == 0, ok.output
+    assert "pixels checked: decoder 'nvjpeg' on cuda" in ok.stderr
+    refused = invoke(distill_args(cache, photo_tars, str(tmp_path / "pil"), "--epochs", "1", "--decoder", "pil"))
+    assert refused.exit_code != 0 and "decoded by 'nvjpeg'" in refused.output and "max " in refused.output
