@@ -3,8 +3,8 @@
 ``.venv/bin/python benchmarks/run_all.py [--quick]``. Each script measures its comparison
 side by side in one run and writes ``benchmarks/results/<name>.json`` (``--quick`` checks the
 scripts with tiny models and writes nothing). The same scripts run unchanged on a GPU
-(``benchmarks/device_check.sh`` runs them there and writes ``gpu.json``, whose goals are
-listed here too when it is present). Scaling
+(``benchmarks/device_check.sh`` runs them there and writes ``gpu.json``, kept as
+``gpu_run<N>.json``, one per run on a lent GPU; their goals are listed here too). Scaling
 rows (1 vs 2 writer processes or loader workers; no goal, just the ratio) follow the goals.
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ def main() -> None:
         cmd = [sys.executable, str(HERE / f"{name}.py"), *(["--quick"] if args.quick else [])]
         if subprocess.run(cmd).returncode != 0:
             failed.append(name)
-    results = {name: json.loads(path.read_text()) for name in (*SCRIPTS, "gpu")
-               if (path := HERE / "results" / f"{name}.json").exists()}
+    results = {name: json.loads(path.read_text()) for name in SCRIPTS if (path := HERE / "results" / f"{name}.json").exists()}
+    results.update({path.stem: json.loads(path.read_text()) for path in sorted((HERE / "results").glob("gpu_run*.json"))})
     print(f"\n{'goal':<52}{'value':>14}{'goal':>14}  met")
     for name, result in results.items():
-        where = f" ({result.get('gpu')})" if name == "gpu" else ""  # gpu.json: device_check.sh, not run here
+        where = f" ({name}: {result.get('gpu')})" if name.startswith("gpu") else ""  # device_check.sh, not run here
         for goal, row in result.get("goals", {}).items():
             print(f"{goal + where:<52}{row['value']:>14,.3f}{bound(row):>4}{row['goal']:>10,}  {'yes' if row['met'] else 'NO'}")
     print(f"\n{'scaling, views/s':<40}{'1':>10}{'2':>10}{'ratio':>8}")

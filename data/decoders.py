@@ -6,7 +6,7 @@ image bytes and the stored crop and flip, and where.
 - ``"nvjpeg"``: batched nvJPEG decode (torchvision's ``decode_jpeg`` on a CUDA device) and the
   crop, resize and flip on the GPU, in the process that trains or extracts. The workers only
   read bytes. Its pixels are not libjpeg-turbo's (chroma upsampling, IDCT and GPU resampling
-  differ: max 66 levels, mean 1.8 on ImageNet-like JPEGs, ``benchmarks/results/gpu.json``).
+  differ: max 66 levels, mean 1.8 on ImageNet-like JPEGs, ``benchmarks/results/gpu_run1.json``).
 
 A cache records the decoder its teacher's views were made with (``ViewConfig.decoder``) and a
 few of those views' pixels (:mod:`hgkd.storage.fingerprint`); stage two renders with the same

@@ -5,7 +5,7 @@ All three sparse backends compute the same function (``tests/test_students.py`` 
 ``masked`` and ``rows`` equal to MinkowskiEngine: values, active sites, gradients, BN
 statistics), so the choice changes speed only. The order per device type is the P4
 measurement (student encoder fwd+bwd at mask ratio 0.6, ResNet-50, worst batch x mask
-granularity) in ``benchmarks/results/distill.json`` (CPU) and ``benchmarks/results/gpu.json``
+granularity) in ``benchmarks/results/distill.json`` (CPU) and ``benchmarks/results/gpu_run*.json``
 (CUDA); the first backend of the list that can run here is taken. MinkowskiEngine can run
 where it imports and, on a GPU, was built with CUDA.
 """
@@ -19,8 +19,8 @@ import torch
 # Fastest first, per device type (P4; see the module docstring for the measurement files).
 MEASURED_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("rows", "masked", "minkowski"),  # distill.json: rows 0.72-0.95x dense, masked 1.19-1.27x, ME 1.0-1.22x
-    # gpu.json (H200, bf16, batch 128, 224 px): rows 1.12-1.18x dense at ResNet-50, masked 2.2-2.7x;
-    # MinkowskiEngine builds and equals masked there, its speed is not measured yet: last
+    # gpu_run1.json (H200, bf16, batch 128, 224 px): rows 1.12-1.18x dense at ResNet-50, masked 2.2-2.7x;
+    # gpu_run2.json (fp32): MinkowskiEngine 3.46-3.61x, rows 1.16-1.21x
     "cuda": ("rows", "masked", "minkowski"),
 }
 FALLBACK_ORDER = ("masked", "rows")  # other devices: plain torch ops only

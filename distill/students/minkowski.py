@@ -54,7 +54,8 @@ def manager_placement(me: ModuleType, device: torch.device) -> dict[str, Any]:
 def me_features(feat_nc: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Features as MinkowskiEngine's kernels take them: float32/float64, contiguous. Under bf16
     autocast (the CUDA recipe) the 1x1 convs (matmuls) return bfloat16, which ME's kernels do
-    not dispatch on (the first GPU run segfaulted, benchmarks/results/gpu.json part p4me):
+    not dispatch on (the first GPU run segfaulted, benchmarks/results/gpu_run1.json part p4me;
+    with float32 features its CUDA bf16 test passes, gpu_run2.json):
     ME layers run in float32 and the rest of the network stays under autocast."""
     if dtype is None:
         dtype = feat_nc.dtype if feat_nc.dtype in (torch.float32, torch.float64) else torch.float32
