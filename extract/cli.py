@@ -51,7 +51,8 @@ def main(verbose: bool) -> None:
 @click.option("--shard-views", default=RUN("shard_views"), show_default=True,
               help="Views per cache shard (one file per array).")
 @click.option("--workers", default=RUN("workers"), show_default=True,
-              help="Threads reading images (and, with --decoder pil, decoding them and rendering views).")
+              help="Processes reading images (and, with --decoder pil, decoding them and rendering views); 0: "
+                   "in the extraction process.")
 @click.option("--rank", type=int, envvar="RANK", default=RUN("rank"), show_default=True,
               help="This process's shard set (shard % world-size); torchrun's RANK is used when set.")
 @click.option("--world-size", type=int, envvar="WORLD_SIZE", default=RUN("world_size"), show_default=True,

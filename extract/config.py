@@ -26,7 +26,7 @@ class ExtractConfig:
     batch_size: int = 64
     device: str = "auto"
     precision: str = "auto"  # fp32 | bf16 | fp16 | auto (bf16 on CUDA, fp32 on CPU)
-    workers: int = 2  # threads decoding images and rendering views
+    workers: int = 2  # loader processes reading and decoding images and rendering views (0: in this process)
     rank: int = 0
     world_size: int = 1
     init_seed: int = 0  # weights of a teacher without --checkpoint (demo/tests only)

@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..devices import resolve_device
@@ -276,9 +276,9 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
                desc="extract", disable=not cfg.progress, smoothing=0.1)
     written: list[int] = []
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool, _storage_errors(cfg.out, writer):
+    with _storage_errors(cfg.out, writer):
         for block in cache.blocks:
-            written += _fill_block(cache, block, access, cfg, done, pool, extractor, writer, bar)
+            written += _fill_block(cache, block, access, cfg, done, extractor, writer, bar)
     bar.close()
     complete = cache.finalize()
     seconds = time.perf_counter() - start
@@ -289,31 +289,90 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
 
 
 def _fill_block(cache: FeatureCache, block: RowBlock, access: RandomAccessSource, cfg: ExtractConfig,
-                done: set[int], pool: ThreadPoolExecutor, extractor: Extractor, writer: BackgroundWriter,
-                bar: tqdm) -> list[int]:
-    """Write this process's pending shards of one row block; other shards' samples are not read."""
+                done: set[int], extractor: Extractor, writer: BackgroundWriter, bar: tqdm) -> list[int]:
+    """Write this process's pending shards of one row block; other shards' samples are not read.
+
+    Samples are read, decoded and rendered by ``cfg.workers`` DataLoader processes (one torch
+    thread each, their own GIL): in threads, torch's intra-op pool made each small resize up to
+    20x slower and the extraction loop shared the GIL with them (issue 20, extraction at 0.12x
+    of the bare forward on a GPU). A shard is claimed (its lock taken) when the loader first
+    asks for its batches, a little ahead of the extraction loop."""
     shards = cache.shards_of(block)
     todo = [s for s in shards if s % cfg.world_size == cfg.rank and s not in done]
-    samples_per_shard = cache.shard_views // block.views_per_sample
-    batch_samples = max(1, cfg.batch_size // block.views_per_sample)
-    view_ids = range(block.view_start, block.view_stop)
-    written = []
-    for shard in todo:
-        lock = claim_shard(cache, shard, cfg.rank, cfg.world_size, done)
-        if lock is False:
-            continue
-        if cache.clear_shard(shard):  # files of a writer killed mid-shard: never write into a torn file
-            log.info("shard %d: removed the files an unfinished write left", shard)
-        buffer = ShardBuffer(cache, shard)
-        first = (shard - shards.start) * samples_per_shard
-        indices = iter(range(first, min(first + samples_per_shard, block.num_samples)))
-        for prepared in _prefetched(pool, _batched(indices, batch_samples), access, cfg.view, view_ids):
-            extractor.rows_for(prepared, buffer, block)
-            bar.update(len(prepared) * block.views_per_sample)
-        record = completion_record(cache, shard, buffer.rows, buffer.arrays["status"], buffer.skipped)
-        writer.submit(buffer, record, lock or None)
-        written.append(shard)
+    plan = ShardPlan(cache, block, todo, cfg, done)
+    loader = DataLoader(PrepareSamples(access, cfg.view, range(block.view_start, block.view_stop)), sampler=plan,
+                        batch_size=None, num_workers=cfg.workers, collate_fn=_as_is,
+                        multiprocessing_context="fork" if cfg.workers and os.name == "posix" else None)
+    written: list[int] = []
+    buffer: ShardBuffer | None = None
+    for shard, prepared in loader:
+        for p in prepared:
+            if isinstance(p.views_kchw, np.ndarray):
+                p.views_kchw = torch.from_numpy(p.views_kchw)
+        if buffer is None or buffer.shard != shard:
+            if buffer is not None:
+                written.append(_submit(cache, buffer, plan.locks.pop(buffer.shard), writer))
+            buffer = ShardBuffer(cache, shard)
+        extractor.rows_for(prepared, buffer, block)
+        bar.update(len(prepared) * block.views_per_sample)
+    if buffer is not None:
+        written.append(_submit(cache, buffer, plan.locks.pop(buffer.shard), writer))
     return written
+
+
+def _submit(cache: FeatureCache, buffer: ShardBuffer, lock, writer: BackgroundWriter) -> int:
+    record = completion_record(cache, buffer.shard, buffer.rows, buffer.arrays["status"], buffer.skipped)
+    writer.submit(buffer, record, lock or None)
+    return buffer.shard
+
+
+def _as_is(batch: object) -> object:
+    return batch
+
+
+class ShardPlan(torch.utils.data.Sampler):
+    """Yields ``(shard, sample indices)`` batches of the shards this process gets: each shard is
+    claimed (lock taken, files of a killed writer removed) before its first batch is yielded."""
+
+    def __init__(self, cache: FeatureCache, block: RowBlock, todo: list[int], cfg: ExtractConfig,
+                 done: set[int]) -> None:
+        self.cache, self.block, self.todo, self.cfg, self.done = cache, block, todo, cfg, done
+        self.locks: dict[int, object] = {}
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        cache, block = self.cache, self.block
+        per_shard = cache.shard_views // block.views_per_sample
+        per_batch = max(1, self.cfg.batch_size // block.views_per_sample)
+        first_shard = cache.shards_of(block).start
+        for shard in self.todo:
+            lock = claim_shard(cache, shard, self.cfg.rank, self.cfg.world_size, self.done)
+            if lock is False:
+                continue
+            if cache.clear_shard(shard):  # files of a writer killed mid-shard: never write into a torn file
+                log.info("shard %d: removed the files an unfinished write left", shard)
+            self.locks[shard] = lock
+            first = (shard - first_shard) * per_shard
+            for batch in _batched(iter(range(first, min(first + per_shard, block.num_samples))), per_batch):
+                yield shard, batch
+
+
+class PrepareSamples(torch.utils.data.Dataset):
+    """``dataset[(shard, indices)]`` -> ``(shard, [Prepared])``: read, draw, and (CPU decoder)
+    decode and render each sample, in a loader worker."""
+
+    def __init__(self, access: RandomAccessSource, view_cfg: ViewConfig, view_ids: range) -> None:
+        self.access, self.view_cfg, self.view_ids = access, view_cfg, view_ids
+
+    def __getitem__(self, item: tuple[int, list[int]]) -> tuple[int, list[Prepared]]:
+        shard, indices = item
+        prepared = [read_and_prepare(self.access, i, self.view_cfg, self.view_ids) for i in indices]
+        for p in prepared:
+            if p.views_kchw is not None:  # rendered: the bytes need not cross back to the extraction loop
+                p.sample = replace(p.sample, data=None)
+                # numpy crosses the worker pipe by value; a torch tensor would go through /dev/shm files,
+                # whose failure (a small shm in a container, a file-size limit) hangs the loader
+                p.views_kchw = p.views_kchw.numpy()
+        return shard, prepared
 
 
 @contextmanager
@@ -328,19 +387,6 @@ def _storage_errors(out: str, writer: BackgroundWriter) -> Iterator[None]:
 
 
 def read_and_prepare(access: RandomAccessSource, index: int, view_cfg: ViewConfig, view_ids: range) -> Prepared:
-    """Read sample ``index``'s bytes (on a worker thread: pread releases the GIL), then prepare it."""
+    """Read sample ``index``'s bytes, then prepare it."""
     sample = Sample(index, access.keys[index], access.read(index), int(access.labels[index]))
     return prepare_sample(sample, view_cfg, view_ids)
-
-
-def _prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[int]], access: RandomAccessSource,
-                view_cfg: ViewConfig, view_ids: range) -> Iterator[list[Prepared]]:
-    """Prepared batches, reading and decoding batch i+1 on the pool while the caller runs batch i."""
-    pending = None
-    for batch in batches:
-        futures = [pool.submit(read_and_prepare, access, index, view_cfg, view_ids) for index in batch]
-        if pending is not None:
-            yield [f.result() for f in pending]
-        pending = futures
-    if pending is not None:
-        yield [f.result() for f in pending]
