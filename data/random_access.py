@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import HgkdError
 from ..remote import RangeReader, is_url, stamp
-from .sample_index import index_tars
+from .sample_index import index_tars, list_folder
 from .sources import DataSource, check_counted, folder_labels, open_source, text_key
 
 
@@ -120,6 +120,12 @@ class RandomAccessSource:
         return {**self.__dict__, "_handles": {}, "_checked": set()}
 
 
+def open_indexed(spec: list[str] | str) -> DataSource:
+    """``--data`` for reading through the sample index: tars are stamped (not read through), an
+    image folder's kept listing is reused; counted when a :class:`RandomAccessSource` indexes it."""
+    return open_source(spec, count=False, folder_lister=list_folder)
+
+
 def open_random_access(spec: list[str] | str, index: str | Path | None = "default") -> RandomAccessSource:
     """``--data`` for random access: tars are stamped and indexed (not read through), folders listed."""
-    return RandomAccessSource(open_source(spec, count=False), index)
+    return RandomAccessSource(open_indexed(spec), index)

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import webdataset as wds
 from webdataset.tariterators import tarfile_samples
@@ -56,15 +56,20 @@ class DataSource:
             yield from _iter_tars(self)
 
 
-def open_source(spec: list[str] | str, count: bool = True) -> DataSource:
+FolderLister = Callable[[str], list[tuple[str, int]]]  # root -> (relative path, size) entries, sorted
+
+
+def open_source(spec: list[str] | str, count: bool = True, folder_lister: FolderLister | None = None) -> DataSource:
     """Resolve ``--data`` (tar patterns with braces, URLs, one image folder, or one folder of
     tar shards) and count it. ``count=False``: tars are not read; each is stamped instead
-    (a URL through fsspec: size and version), for :mod:`hgkd.data.sample_index` to count."""
+    (a URL through fsspec: size and version), for :mod:`hgkd.data.sample_index` to count, and an
+    image folder is listed by ``folder_lister`` (``random_access.open_indexed`` passes the sample
+    index's kept listing; default: a fresh walk)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs or not all(s.strip() for s in specs):
         raise HgkdError("--data is empty; give tar shards ('train-{000..009}.tar') or an image folder")
     if len(specs) == 1 and Path(specs[0]).is_dir():
-        return _open_folder(specs[0], count)
+        return _open_folder(specs[0], count, folder_lister)
     return _open_tars(specs, [u for s in specs for u in wds.shardlists.expand_urls(s)], count)
 
 
@@ -100,15 +105,10 @@ def check_counted(source: DataSource, with_image: int) -> None:
                         f"member ({', '.join(IMAGE_EXTS)}); point --data at image shards")
 
 
-def _open_folder(root: str, count: bool = True) -> DataSource:
+def _open_folder(root: str, count: bool = True, folder_lister: FolderLister | None = None) -> DataSource:
     """An image folder (``root/class/img.jpg``), or a folder holding only ``.tar`` shards.
-    ``count=False`` (stage two): the listing kept by ``sample_index.list_folder`` is reused."""
-    if count:
-        entries = walk_images(root)[0]
-    else:
-        from .sample_index import list_folder  # it builds on this module
-
-        entries = list_folder(root)
+    ``count=False``: listed by ``folder_lister`` (the sample index keeps listings, issue 15)."""
+    entries = folder_lister(root) if (folder_lister is not None and not count) else walk_images(root)[0]
     if not entries:
         shards = sorted(str(p) for p in Path(root).glob("*.tar") if p.is_file())
         if shards:

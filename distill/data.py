@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import HgkdError
-from ..data.random_access import RandomAccessSource, open_random_access
-from ..data.sources import open_source, same_data
+from ..data.random_access import RandomAccessSource, open_indexed, open_random_access
+from ..data.sources import same_data
 from ..data.decoders import DEVICE_DECODERS, PendingViews
 from ..data.views import ViewConfig, decode_image, render_crop, render_view, sample_view
 from ..data.views import student_mask as draw_student_mask
@@ -114,7 +114,7 @@ class CacheViewDataset(Dataset):
         cache = FeatureCache.open(cache_url)
         if not cache.is_complete():
             raise HgkdError(f"--cache {cache_url} is incomplete; finish it with 'hgkd-extract run' and check 'verify'")
-        source = open_source(data, count=False)  # counted by the sample index
+        source = open_indexed(data)  # counted by the sample index
         if not same_data(source, cache.meta.dataset):
             raise HgkdError(f"--data {' '.join(data)} is not the data set the cache was made from "
                             f"(fingerprint differs); pass the same shards/folder as to 'hgkd-extract run'")

@@ -32,8 +32,8 @@ from ..storage.locks import creation_lock
 from ..storage.metadata import SKIP_NO_IMAGE, SKIP_UNDECODABLE, CacheMeta
 from ..storage.shards import claim_shard, completion_record
 from ..version import __version__
-from ..data.random_access import RandomAccessSource
-from ..data.sources import DataSource, Sample, open_source
+from ..data.random_access import RandomAccessSource, open_indexed
+from ..data.sources import DataSource, Sample
 from .config import ExtractConfig
 from .teachers.base import Teacher, create_teacher, sha256_file
 from ..data.decoders import DEVICE_DECODERS, check_decoder, decode_on_device, image_hw
@@ -265,7 +265,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
     check_decoder(cfg.view.decoder, device)
     # the sample index (member offsets, kept between runs) instead of a counting pass over every
     # byte; each decode thread then reads its own samples with os.pread / ranged requests
-    source = open_source(cfg.data, count=False)
+    source = open_indexed(cfg.data)
     access = RandomAccessSource(source)
     teacher = load_teacher(cfg, device)
     cache, grown_from = open_or_create(cfg, build_meta(cfg, teacher, source))
