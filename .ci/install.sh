@@ -50,25 +50,10 @@ if "$VPY" -c "import MinkowskiEngine" 2>/dev/null; then
   exit 0
 fi
 
-# CUDA >= 12 (CCCL thrust, NVTX 3) no longer compiles ME 0.5.4's .cu files as released: thrust
-# algorithms need their own headers, and its NVTX header collides with CUDA's. These are the fixes reported
-# upstream (NVIDIA/MinkowskiEngine issues 543, 601, 614; see the project's notes); built and run on
-# a GPU machine only where the notes say so.
-patch_me_for_cuda() {
-  local src=$1
-  add_includes() {  # FILE HEADER... : insert the includes at the top of FILE
-    local file=$src/$1; shift
-    local lines=""
-    for h in "$@"; do lines+="#include <$h>\n"; done
-    sed -i "1s|^|$lines|" "$file"
-  }
-  add_includes src/convolution_kernel.cuh thrust/execution_policy.h
-  add_includes src/coordinate_map_gpu.cu thrust/unique.h thrust/remove.h
-  add_includes src/spmm.cu thrust/execution_policy.h thrust/reduce.h thrust/sort.h
-  add_includes src/3rdparty/concurrent_unordered_map.cuh thrust/execution_policy.h
-  # NVTX ranges are profiling marks only: compile them out instead of colliding with CUDA's nvtx3
-  sed -i '1s|^|#define NVTX_DISABLE\n|' "$src/src/3rdparty/cudf/detail/nvtx/nvtx3.hpp"
-}
+# Source patches for ME 0.5.4 (Python >= 3.10; CUDA 12/13, CCCL 3, torch 2.11): one home, also used by
+# benchmarks/device_me_build.sh, which built and ran them on an H200 with CUDA 13.0 (issue 20).
+# shellcheck source=me_patches.sh
+source "$ROOT/.ci/me_patches.sh"
 
 tv=$("$VPY" -c "import torch; print(torch.__version__.replace('+', '_'))")
 if [ -n "${HGKD_ME_BUILD:-}" ]; then
@@ -90,26 +75,21 @@ if [ -z "$wheel" ]; then
   step "building MinkowskiEngine $ME_VERSION ($build; CPU-only takes 7-8 minutes on 2 cores)"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
+  # pip runs the sdist's unpatched setup.py for its metadata, which probes BLAS through numpy.distutils
+  # (Python < 3.12 only); where that fails, the sdist comes from the index's simple page instead
   SETUPTOOLS_USE_DISTUTILS=stdlib "$VPY" -m pip download -q --no-deps --no-binary :all: \
-    --no-build-isolation -d "$work" "MinkowskiEngine==$ME_VERSION"
+    --no-build-isolation -d "$work" "MinkowskiEngine==$ME_VERSION" 2>/dev/null \
+    || "$VPY" "$ROOT/.ci/fetch_sdist.py" MinkowskiEngine "$ME_VERSION" "$ME_SHA256" "$work"
   echo "$ME_SHA256  $work/MinkowskiEngine-$ME_VERSION.tar.gz" | sha256sum -c - >/dev/null
   tar -xzf "$work/MinkowskiEngine-$ME_VERSION.tar.gz" -C "$work"
   src=$work/MinkowskiEngine-$ME_VERSION
-  # Python >= 3.10 moved Sequence to collections.abc (fixed upstream after 0.5.4, PR #480).
-  sed -i 's/^from collections import Sequence$/from collections.abc import Sequence/' \
-    "$src"/MinkowskiEngine/MinkowskiCommon.py "$src"/MinkowskiEngine/MinkowskiCoordinateManager.py \
-    "$src"/MinkowskiEngine/MinkowskiTensorField.py "$src"/MinkowskiEngine/utils/quantization.py
-  sed -i 's/^from collections import Sequence, namedtuple$/from collections import namedtuple\nfrom collections.abc import Sequence/' \
-    "$src"/MinkowskiEngine/MinkowskiKernelGenerator.py
-  if grep -rn "^from collections import .*Sequence" "$src/MinkowskiEngine" >/dev/null; then
-    log "error: unpatched 'from collections import Sequence' left in MinkowskiEngine sources"; exit 1
-  fi
+  me_patch_python "$src"
   mkdir -p "$cache_dir"
   if [ "$build" = cpu ]; then
     flags=(--config-settings=--global-option=--cpu_only)
     jobs=2
   else
-    patch_me_for_cuda "$src"
+    me_patch_cuda "$src"
     flags=(--config-settings=--global-option=--force_cuda)
     jobs=$(nproc)
     # build for this machine's GPU only (a full arch list multiplies the build time)
