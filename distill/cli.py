@@ -99,7 +99,7 @@ def main(verbose: bool) -> None:
 def run(config_file: str | None, resume: bool, **opts) -> None:
     """Train the student against the cached teacher targets."""
     from .methods import METHODS, method_class
-    from .train import Trainer
+    from .train import Trainer, make_dir
 
     ctx = click.get_current_context()
     values = load_yaml(config_file) if config_file else {}
@@ -115,6 +115,7 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
             raise HgkdError(f"--{required} is required (on the command line or in --config)")
     cfg = DistillConfig.from_dict(values, source=config_file or "options")
     trainer = Trainer(cfg, resume=resume)
+    make_dir(Path(cfg.out), "--out")  # a bad --out is the one line printed, before the run's notes
     if trainer.dist.main and cfg.sparse:
         click.echo(f"sparse backend: {trainer.backend_choice.name} ({trainer.backend_choice.reason})", err=True)
     if trainer.dist.main and getattr(trainer.targets, "pixel_check", None):
@@ -158,16 +159,37 @@ def teacher(**opts) -> None:
     click.echo(f"{opts['out']}: classifier teacher {opts['arch']}, final train loss {result['train_loss']:.4f}{top1}")
 
 
+EXPORT_FORMATS = ("timm", "torchvision", "detectron2")  # hgkd.distill.students.export.FORMATS
+LOADS_WITH = {"timm": "timm.create_model('{arch}', num_classes=0).load_state_dict(safetensors.torch.load_file(...))",
+              "torchvision": "torchvision.models.{arch}().load_state_dict(torch.load(...), strict=False): all but fc",
+              "detectron2": "MODEL.WEIGHTS in a detectron2 config (matching_heuristics)"}
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", required=True, help="Output .safetensors file of the dense timm ResNet.")
+@click.option("--out", required=True, help="Output file: .safetensors (timm), .pth (torchvision), .pkl (detectron2).")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="timm", show_default=True,
+              help="timm: safetensors with the architecture; torchvision: torch.save'd state dict (also "
+                   "mmdetection's); detectron2: its pickle with detectron2's ResNet names.")
 @user_errors
-def export(run_dir: str, out: str) -> None:
-    """Write the student's encoder as dense timm ResNet weights (safetensors)."""
-    from .export_run import export_run
+def export(run_dir: str, out: str, fmt: str) -> None:
+    """Write the student's encoder as dense ResNet weights for timm, torchvision/mmdetection or detectron2."""
+    import tempfile
 
-    arch = export_run(Path(run_dir), Path(out))
-    click.echo(f"{out}: timm '{arch}' weights (load with timm.create_model('{arch}', num_classes=0))")
+    from safetensors.torch import load_file
+
+    from .export_run import export_run
+    from .students.export import save_format
+
+    if fmt == "timm":
+        arch = export_run(Path(run_dir), Path(out))
+    else:
+        with tempfile.TemporaryDirectory(prefix="hgkd-export-") as tmp:
+            arch = export_run(Path(run_dir), Path(tmp) / "student.safetensors")
+            state = load_file(str(Path(tmp) / "student.safetensors"))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        save_format(state, out, fmt)
+    click.echo(f"{out}: {fmt} '{arch}' weights (load with {LOADS_WITH[fmt].format(arch=arch)})")
 
 
 @main.command()

@@ -21,6 +21,7 @@ from ..errors import HgkdError
 from ..registry import DEFAULT_METHOD
 
 SPARSE_BACKENDS = ("auto", "minkowski", "masked", "rows")
+ONLINE_VIEW_OPTIONS = ("scale", "ratio", "hflip", "interpolation", "seed")  # DistillConfig.view_options keys
 STUDENT_MASKS = ("cached", "fresh")
 PAPER_EPOCHS, PAPER_WARMUP_EPOCHS = 100, 40  # Sec. 4.1: 40 warm-up epochs of 100
 
@@ -74,6 +75,9 @@ class DistillConfig:
     mask_granularity: int = default_of(ViewConfig, "mask_granularity")
     teacher_view: str = default_of(ViewConfig, "teacher_view")  # "full": the online teacher sees the unmasked view
     online_views: int = 0  # views cycled over epochs (view e mod K); 0 = a fresh view every epoch (the paper)
+    # the online teacher's other view settings (ViewConfig: scale, ratio, hflip, interpolation, seed; seed defaults
+    # to --seed): a pipeline's online twin of a cache takes every one of that cache's (issue 22)
+    view_options: dict[str, Any] = field(default_factory=dict)
     # supervised baselines: a frozen classifier teacher written by 'hgkd-distill teacher'
     teacher_classifier: str | None = None
     views_per_image: int = 0  # views cycled over epochs; 0 = a fresh view every epoch
@@ -87,6 +91,10 @@ class DistillConfig:
         if not isinstance(self.method_opts, dict):
             raise HgkdError(f"method_opts must be a mapping of option names to values, got {self.method_opts!r}")
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        bad = sorted(set(self.view_options) - set(ONLINE_VIEW_OPTIONS)) if isinstance(self.view_options, dict) else None
+        if bad is None or bad:
+            raise HgkdError(f"view_options {self.view_options!r}: a mapping of {', '.join(ONLINE_VIEW_OPTIONS)}"
+                            + (f" (not {', '.join(bad)})" if bad else ""))
         if self.decoder not in ("cache", *DECODERS):
             raise HgkdError(f"--decoder {self.decoder!r}: choose one of cache, {', '.join(DECODERS)}")
         if self.sparse_backend not in SPARSE_BACKENDS:

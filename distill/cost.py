@@ -6,7 +6,8 @@ and ``cost.json`` is written atomically at every checkpoint and at the end of a 
 
 - ``teacher_forwards``: cached path, the number of *distinct* cached views used so far
   (each cost one teacher forward at extraction; re-reading a view is free), queue pre-fill
-  included; online teacher, the live teacher forwards done (one per student image).
+  included; online teacher, the live teacher forwards done (one per student image, and one per
+  image of the queue pre-fill).
 - ``student_images``, ``steps``: images the student trained on (all ranks), optimizer steps.
 - ``wall_s``: wall time of the run's processes up to the last write (time after the last
   checkpoint of a crashed process is not counted: those steps are redone).
@@ -78,6 +79,10 @@ class CostLedger:
         self._seen[rows] = True
         self.cost.teacher_forwards += new
         return new
+
+    def add_forwards(self, live_forwards: int) -> None:
+        """Live teacher forwards outside a step (an online run's queue pre-fill)."""
+        self.cost.teacher_forwards += live_forwards
 
     def add_step(self, rows: np.ndarray, images: int, live_forwards: int = 0) -> None:
         """One optimizer step over ``images`` student images read from cache ``rows`` (all ranks)."""

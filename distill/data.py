@@ -348,3 +348,31 @@ class ViewCycleSampler(ChunkAwareBatchSampler):
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         return self.rows_nk[:, 0] * self.views_per_image + epoch % self.views_per_image
+
+
+class TwinCacheSampler(Sampler[list[int]]):
+    """An online run's batches taken from a cache's (``--online-teacher`` with ``--cache``, issue 22):
+    the images a cached run on that cache reads, grouped and ordered exactly as
+    :class:`ChunkAwareBatchSampler` groups its rows (its shard size, its skipped images left
+    out), each shown as the online row of the epoch's view: with ``views`` K (``--online-views``)
+    view ``e mod K``, the very view the cached run reads; with 0, the fresh view ``e``."""
+
+    def __init__(self, cached: ChunkAwareBatchSampler, index_of_row: np.ndarray, row_views: int, views: int) -> None:
+        self.cached, self.index_of_row, self.row_views, self.views = cached, index_of_row, row_views, views
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.cached.set_epoch(epoch, start_batch)
+
+    def online_rows(self, cache_rows: np.ndarray, epoch: int) -> np.ndarray:
+        view = epoch % self.views if self.views else epoch
+        return self.index_of_row[np.asarray(cache_rows, np.int64)] * self.row_views + view
+
+    def global_batch(self, index: int) -> np.ndarray:
+        return self.online_rows(self.cached.global_batch(index), self.cached.epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.cached:
+            yield EpochRows(self.online_rows(np.asarray(batch), batch.epoch).tolist(), batch.epoch)
+
+    def __len__(self) -> int:
+        return len(self.cached)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from ..storage.cache import FeatureCache
 from ..storage.metadata import DEFAULT_SHARD_VIEWS
 from .classifier import load_classifier
 from .config import DistillConfig
-from .data import Batch, CacheViewDataset, ChunkAwareBatchSampler, OnlineViewDataset, ViewCycleSampler
+from .data import Batch, CacheViewDataset, ChunkAwareBatchSampler, OnlineViewDataset, TwinCacheSampler, ViewCycleSampler
 from .methods import NetDims
 from .outputs import NetOutputs
 from .pixel_check import check_teacher_pixels
@@ -65,12 +66,14 @@ class CachedTargets(TokenTargets):
 
     kind = "cache"
 
-    def __init__(self, cfg: DistillConfig, device: torch.device) -> None:
+    def __init__(self, cfg: DistillConfig, device: torch.device, views: int | None = None) -> None:
+        """``views``: K to cycle instead of ``--cache-views`` (a resumed run's K from its checkpoint)."""
         if cfg.online_views:
             raise HgkdError(f"--online-views {cfg.online_views} applies to --online-teacher; with --cache "
                             f"use --cache-views")
         self.cache = FeatureCache.open(cfg.cache)
-        self.dataset = CacheViewDataset(cfg.cache, cfg.data, views=cfg.cache_views, student_mask=cfg.student_mask,
+        views = cfg.cache_views if views is None else views
+        self.dataset = CacheViewDataset(cfg.cache, cfg.data, views=views, student_mask=cfg.student_mask,
                                         mask_seed=cfg.seed, decoder=None if cfg.decoder == "cache" else cfg.decoder)
         check_decoder(self.dataset.decoder, device)
         self.pixel_check = check_teacher_pixels(self.dataset, device, cfg.allow_decoder_mismatch)
@@ -104,8 +107,12 @@ class OnlineTargets(TokenTargets):
     By default the paper's procedure (Sec. 4.1): in epoch e every image shows a fresh view,
     view index e drawn from (seed, key, e) - exactly view e of a cache that ``hgkd-extract
     run`` makes with the same seed and view settings. ``--online-views K`` cycles views
-    ``e mod K`` instead: the views of a K-view cache, in the batch order a run on that cache
-    (made at once with the default --shard-views) has with the same seed.
+    ``e mod K`` instead. Batches group images as a cache with the default shard size would.
+    With ``--cache`` too (the online twin of a cache, issue 22), every view setting (seed,
+    crop scale and ratio, flip, interpolation, masks), the batches (that cache's shard size,
+    its skipped images left out) and the queue pre-fill come from that cache: with
+    ``--online-views K`` the run reads exactly the views a ``--cache-views K`` run reads, only
+    the teacher runs live. Its tokens are not read.
     """
 
     kind = "online"
@@ -118,32 +125,79 @@ class OnlineTargets(TokenTargets):
             raise HgkdError(f"--decoder {cfg.decoder} applies to --cache runs; an online teacher's views are "
                             f"decoded with pil")
         torch.manual_seed(cfg.seed)
-        self.teacher = create_teacher(cfg.online_teacher, checkpoint=cfg.teacher_checkpoint,
-                                      img_size=cfg.img_size).to(device)
+        self.twin = CacheViewDataset(cfg.cache, cfg.data, views=cfg.online_views) if cfg.cache else None
         self.views = cfg.online_views
         self.row_views = cfg.online_views or cfg.epochs  # row = sample * row_views + view index
-        view = ViewConfig(img_size=cfg.img_size, patch_size=self.teacher.patch_size, mask_ratio=cfg.mask_ratio,
-                          mask_granularity=cfg.mask_granularity, teacher_view=cfg.teacher_view, seed=cfg.seed,
-                          views_per_image=self.row_views)
+        img_size = self.twin.view_cfg.img_size if self.twin else cfg.img_size
+        self.teacher = create_teacher(cfg.online_teacher, checkpoint=cfg.teacher_checkpoint,
+                                      img_size=img_size).to(device)
+        view = self._view_config(cfg, self.teacher.patch_size)
+        if self.teacher.patch_size != view.patch_size:
+            raise HgkdError(f"--online-teacher {cfg.online_teacher} has patch size {self.teacher.patch_size}; "
+                            f"the views use {view.patch_size}")
         self.full_view = view.teacher_view == "full"
         self.dataset = OnlineViewDataset(cfg.data, view, student_mask=cfg.student_mask, mask_seed=cfg.seed)
         self.embed_dim, self.patch_size = self.teacher.embed_dim, self.teacher.patch_size
         ckpt = sha256_file(cfg.teacher_checkpoint) if cfg.teacher_checkpoint else f"init-seed-{cfg.seed}"
         recipe = {**view.to_json(), "views_per_image": cfg.online_views}  # fresh views: --epochs may change
-        blob = json.dumps([cfg.online_teacher, ckpt, recipe, self.dataset.source.source.fingerprint()])
+        twin = self.twin.cache.meta.fingerprint() if self.twin else None
+        blob = json.dumps([cfg.online_teacher, ckpt, recipe, self.dataset.source.source.fingerprint()]
+                          + ([twin] if twin else []))
         self.fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         self.amp = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
 
-    def sampler(self, batch_size: int, seed: int, rank: int, world_size: int) -> ViewCycleSampler:
+    def _view_config(self, cfg: DistillConfig, patch_size: int) -> ViewConfig:
+        """The twin cache's view settings, else the options (``view_options`` for the rest)."""
+        if self.twin is None:
+            extra = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.view_options.items()}
+            return ViewConfig(img_size=cfg.img_size, patch_size=patch_size, mask_ratio=cfg.mask_ratio,
+                              mask_granularity=cfg.mask_granularity, teacher_view=cfg.teacher_view,
+                              views_per_image=self.row_views, **{"seed": cfg.seed, **extra})
+        if cfg.view_options:
+            raise HgkdError(f"--cache {cfg.cache}: an online twin takes its view settings from the cache; drop "
+                            f"view_options {cfg.view_options}")
+        if self.twin.view_cfg.decoder != "pil":
+            raise HgkdError(f"--cache {cfg.cache} was decoded with {self.twin.view_cfg.decoder}; an online teacher's "
+                            f"views are decoded with pil")
+        return replace(self.twin.view_cfg, views_per_image=self.row_views)
+
+    def sampler(self, batch_size: int, seed: int, rank: int, world_size: int) -> ViewCycleSampler | TwinCacheSampler:
+        if self.twin is not None:
+            cached = ChunkAwareBatchSampler(self.twin.view_rows, self.twin.cache.shard_views, batch_size, seed,
+                                            rank=rank, world_size=world_size)
+            return TwinCacheSampler(cached, self._index_of_row(), self.row_views, self.views)
         return ViewCycleSampler(self.dataset.num_samples, self.row_views, batch_size, seed, rank, world_size,
                                 # grouped as a default cache's shards, so --online-views K batches equal a K-view cache's
                                 samples_per_block=max(1, DEFAULT_SHARD_VIEWS // (self.views or 1)))
 
-    def prefill_rows(self, n: int, seed: int) -> np.ndarray:
-        return np.zeros(0, np.int64)  # the queue fills during the first steps
+    def _index_of_row(self) -> np.ndarray:
+        """Sample index of every twin cache row."""
+        return self.twin.reader.read(np.arange(self.twin.cache.num_views), ["index"])["index"].astype(np.int64)
 
-    def prefill(self, rows: np.ndarray) -> None:
-        return None
+    def prefill_rows(self, n: int, seed: int) -> np.ndarray:
+        """``n`` (at most all) random images' views: the queue starts full, as a cached run's does
+        from its cache (issue 22: an empty queue handicapped the online reference). A twin takes
+        the cached run's pre-fill rows (the same random cache rows, so the same views); otherwise
+        epoch 0's views of random images."""
+        if self.twin is not None:
+            rows = self.twin.ok_rows
+            pick = np.sort(np.random.default_rng(seed).choice(rows, size=min(n, len(rows)), replace=False))
+            raw = self.twin.reader.read(pick, ["index", "view_index"])
+            return raw["index"].astype(np.int64) * self.row_views + raw["view_index"].astype(np.int64) % self.row_views
+        pick = np.random.default_rng(seed).choice(self.dataset.num_samples, size=min(n, self.dataset.num_samples),
+                                                  replace=False)
+        return np.sort(pick) * self.row_views
+
+    @torch.no_grad()
+    def prefill(self, rows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """Pooled embeddings of the live teacher on those views (each a counted forward)."""
+        pooled = []
+        for start in range(0, len(rows), batch_size):
+            batch = self.dataset[[int(r) for r in rows[start : start + batch_size]]]
+            self.forwards += len(batch.images)
+            pooled.append(self.teacher.targets(batch.images, ~batch.visible.flatten(1), full_view=self.full_view,
+                                               amp=self.amp)[2].float().cpu())
+        return torch.cat(pooled)
 
     def complete(self, batch: Batch) -> Batch:
         self.forwards += len(batch.images)
@@ -204,10 +258,11 @@ class ClassifierTargets:
         return out.detach()
 
 
-def make_targets(cfg: DistillConfig, device: torch.device,
-                 supervised: bool = False) -> CachedTargets | OnlineTargets | ClassifierTargets:
+def make_targets(cfg: DistillConfig, device: torch.device, supervised: bool = False,
+                 views: int | None = None) -> CachedTargets | OnlineTargets | ClassifierTargets:
+    """``views``: a cached run's K when resuming (the K it started with)."""
     if supervised:
         if not cfg.teacher_classifier:
             raise HgkdError(f"--method {cfg.method} needs --teacher-classifier (train one with 'hgkd-distill teacher')")
         return ClassifierTargets(cfg, device)
-    return OnlineTargets(cfg, device) if cfg.online_teacher else CachedTargets(cfg, device)
+    return OnlineTargets(cfg, device) if cfg.online_teacher else CachedTargets(cfg, device, views)

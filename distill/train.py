@@ -97,7 +97,11 @@ class Trainer:
         self.dist = init_distributed(self.device)
         torch.manual_seed(cfg.seed)
         self.supervised = method_class(cfg.method).supervised
-        self.targets = make_targets(cfg, self.device, supervised=self.supervised)
+        resumed = load_checkpoint(last_checkpoint(self.run_dir)) if resume else None
+        # a run that used every cached view (--cache-views 0) keeps the views it started with when the
+        # cache has grown since: the original command resumes it (issue 22)
+        started = resumed.get("views") if resumed and cfg.cache and not cfg.online_teacher else None
+        self.targets = make_targets(cfg, self.device, supervised=self.supervised, views=started or None)
         self.dataset = self.targets.dataset
         self.teacher = run_teacher_identity(cfg, self.targets)
         if cfg.batch_size % self.dist.world_size:
@@ -124,8 +128,8 @@ class Trainer:
         cost = RunCost(method=cfg.method, targets=self.targets.kind, cache=cfg.cache or None, views=self.targets.views,
                        student_mask=cfg.student_mask, cache_bytes_per_view=self.targets.bytes_per_view)
         self.ledger = CostLedger(cost, cache_rows=self.targets.cache_rows)
-        if resume:
-            self._restore(load_checkpoint(last_checkpoint(self.run_dir)))
+        if resumed is not None:
+            self._restore(resumed)
         elif last_checkpoint(self.run_dir).exists():
             raise HgkdError(f"--out {self.run_dir} already holds a run; continue it with --resume or use a new --out")
         else:
@@ -150,15 +154,18 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------
     def _prefill_queue(self) -> None:
-        """Give the method the cache's pooled embeddings it asks for before step one (H-GKD's queue)."""
+        """Give the method the teacher's pooled embeddings it asks for before step one (H-GKD's
+        queue): read from the cache, or computed by a live teacher (its forwards are counted)."""
         size = self.method.prefill_size() if self.cfg.prefill_queue else 0
         if not size:
             return
         rows = self.targets.prefill_rows(size, self.cfg.seed)
+        forwards = self.targets.forwards
         pooled = self.targets.prefill(rows)
         if pooled is not None:
             self.method.prefill(pooled)
             self.ledger.use_views(rows)
+            self.ledger.add_forwards(self.targets.forwards - forwards)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -179,7 +186,7 @@ class Trainer:
                                 f"now {getattr(self.cfg, key)!r}; resume with the original options")
         if ckpt.get("views", self.targets.views) != self.targets.views:
             raise HgkdError(f"--resume: {self.run_dir} cycled {ckpt['views']} views per image, now "
-                            f"{self.targets.views} (the cache grew); resume with --cache-views {ckpt['views']}")
+                            f"{self.targets.views}; resume with the command that started it")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.method.load_state_dict(ckpt["method"])

@@ -18,9 +18,10 @@ def _labelled(data: tuple[str, ...], img_size: int, option: str) -> LabelledSet:
     return load_labelled(list(data), img_size=img_size, option=option, check=False)
 
 
-def evaluate_task(task: str, model: str, spec: EvalSpec) -> dict[str, Any]:
+def evaluate_task(task: str, model: str, spec: EvalSpec, seed: int = 0) -> dict[str, Any]:
+    """``seed``: the run's (probe initialisation and order, a held-out split, a scratch trunk)."""
     train = _labelled(tuple(spec.train), spec.img_size, "--train")
     test = _labelled(tuple(spec.test), spec.img_size, "--test") if spec.test else None
     return run_task(task, model, train, test, img_size=spec.img_size, test_fraction=spec.test_fraction,
-                    features_dir=spec.features_dir, workers=spec.workers, memory_mb=spec.memory_mb,
+                    features_dir=spec.features_dir, workers=spec.workers, memory_mb=spec.memory_mb, seed=seed,
                     **spec.options.get(task, {}))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..distill.checkpoint import load_checkpoint
 from ..distill.classifier import load_classifier, load_run_classifier
-from ..distill.config import DistillConfig
+from ..distill.config import ONLINE_VIEW_OPTIONS, DistillConfig
 from ..distill.export_run import export_run
 from ..distill.methods import method_class
 from ..distill.teacher_train import TeacherConfig, accuracy, train_teacher
@@ -40,7 +40,7 @@ from .report import write_report
 from .spec import DEFAULT_CACHE, PipelineSpec
 
 log = logging.getLogger(__name__)
-VARIANT_KEYS = ("name", "scratch", "description", "variant", "online", "cache")
+VARIANT_KEYS = ("name", "scratch", "description", "variant", "online", "cache", "per_seed")
 BUILTIN = "builtin:"
 
 
@@ -124,11 +124,18 @@ def _extract_config(spec: PipelineSpec, options: dict[str, Any], data: list[str]
         raise HgkdError(f"{spec.source}: bad '{label}' option ({err})") from None
 
 
-def cache_url(spec: PipelineSpec, name: str) -> str:
-    """Where cache ``name`` lives: its ``out``, else ``out/cache.zarr`` (single) or ``out/caches/NAME.zarr``."""
+def cache_url(spec: PipelineSpec, name: str, seed: int | None = None) -> str:
+    """Where cache ``name`` lives: its ``out``, else ``out/cache.zarr`` (single) or ``out/caches/NAME.zarr``;
+    the copy drawn with view seed ``seed`` (a per-seed cache) gets ``-s<seed>`` before ``.zarr``."""
     options = spec.cache_options[name]
     default = spec.out_dir / ("cache.zarr" if name == DEFAULT_CACHE and not spec.caches else f"caches/{name}.zarr")
-    return str(options.get("out") or default)
+    url = str(options.get("out") or default)
+    return url if seed is None else f"{url.removesuffix('.zarr')}-s{seed}.zarr"
+
+
+def cache_options(spec: PipelineSpec, name: str, seed: int | None = None) -> dict[str, Any]:
+    """Cache ``name``'s extraction options; a per-seed copy draws its views with ``seed``."""
+    return {**spec.cache_options[name], **({} if seed is None else {"seed": seed})}
 
 
 def ensure_cache(cfg: ExtractConfig, what: str) -> str:
@@ -148,12 +155,15 @@ def ensure_cache(cfg: ExtractConfig, what: str) -> str:
     return url
 
 
-def stage_cache(spec: PipelineSpec, checkpoint: str | None, name: str = DEFAULT_CACHE) -> str:
-    """One of the pipeline's caches (the single ``cache`` by default), extracted once."""
-    url = cache_url(spec, name)
+def stage_cache(spec: PipelineSpec, checkpoint: str | None, name: str = DEFAULT_CACHE,
+                seed: int | None = None) -> str:
+    """One of the pipeline's caches (the single ``cache`` by default), extracted once; ``seed``:
+    its copy drawn with that view seed (for the runs of that seed)."""
+    url = cache_url(spec, name, seed)
     label = "cache" if name == DEFAULT_CACHE and not spec.caches else f"caches.{name}"
-    cfg = _extract_config(spec, spec.cache_options[name], spec.data, checkpoint, url, label)
-    return ensure_cache(cfg, "cache" if label == "cache" else f"cache {name}")
+    cfg = _extract_config(spec, cache_options(spec, name, seed), spec.data, checkpoint, url, label)
+    what = ("cache" if label == "cache" else f"cache {name}") + ("" if seed is None else f" (view seed {seed})")
+    return ensure_cache(cfg, what)
 
 
 def heldout_options(spec: PipelineSpec, name: str) -> dict[str, Any]:
@@ -232,26 +242,35 @@ def stage_classifier_eval(spec: PipelineSpec, variant: dict[str, Any]) -> dict[s
     return {"classifier_top1": float(result["top1"])}
 
 
-ONLINE_VIEW_KEYS = ("mask_ratio", "mask_granularity", "teacher_view")  # cache options an online run takes over
+ONLINE_VIEW_KEYS = ("mask_ratio", "mask_granularity", "teacher_view")  # cache options that are run options
 
 
-def online_options(spec: PipelineSpec, variant: dict[str, Any], checkpoint: str | None) -> dict[str, Any]:
-    """An online variant: the pipeline's own teacher run live on views drawn like its cache's."""
-    views = spec.cache_options[spec.cache_name(variant)]
-    return {"online_teacher": spec.teacher["name"], "teacher_checkpoint": checkpoint,
-            "img_size": int(spec.teacher.get("img_size", 224)),
-            **{k: views[k] for k in ONLINE_VIEW_KEYS if k in views}}
+def online_options(spec: PipelineSpec, variant: dict[str, Any], checkpoint: str | None,
+                   twin: str | None = None) -> dict[str, Any]:
+    """An online variant: the pipeline's own teacher run live on views drawn like its cache's,
+    with every view setting of that cache (issue 22), its seed when the cache is per seed. With
+    ``twin`` (that cache, extracted for the cached variants) the run takes views, batches and
+    queue pre-fill from the cache itself (``OnlineTargets``); otherwise from the options."""
+    live = {"online_teacher": spec.teacher["name"], "teacher_checkpoint": checkpoint}
+    if twin is not None:
+        return {**live, "cache": twin}
+    name, seed = spec.cache_key(variant)
+    views = cache_options(spec, name, seed)
+    extra = {k: views[k] for k in ONLINE_VIEW_OPTIONS if k in views}
+    return {**live, "img_size": int(spec.teacher.get("img_size", 224)),
+            **{k: views[k] for k in ONLINE_VIEW_KEYS if k in views}, **({"view_options": extra} if extra else {})}
 
 
 def distill_config(spec: PipelineSpec, variant: dict[str, Any], cache_url: str | None,
                    classifier: str | None = None, checkpoint: str | None = None) -> DistillConfig:
-    """``cache_url``: the variant's cache (None for online and supervised variants)."""
+    """``cache_url``: the variant's cache (None for supervised variants; for an online variant
+    its twin cache when one was extracted, else None)."""
     opts = {**spec.distill, **{k: v for k, v in variant.items() if k not in VARIANT_KEYS}}
     opts.update(data=spec.data, out=str(spec.out_dir / "runs" / variant["name"]))
     if is_supervised(spec, variant):
         opts.update(teacher_classifier=classifier)
     elif variant.get("online"):
-        opts.update(online_options(spec, variant, checkpoint))
+        opts.update(online_options(spec, variant, checkpoint, cache_url))
     else:
         opts.update(cache=cache_url)
     opts.setdefault("log_every", 1)  # the trainer's per-epoch bar
@@ -280,13 +299,14 @@ def stage_distill(spec: PipelineSpec, variant: dict[str, Any], cache_url: str | 
 
 def stage_eval(spec: PipelineSpec, variant: dict[str, Any], model: str,
                bar: tqdm | None = None) -> dict[str, float]:
-    """Every evaluation task of one run; each result is kept as JSON and reused."""
+    """Every evaluation task of one run, seeded with the run's seed (a probe's initialisation and
+    order then vary with the seeds, issue 22); each result is kept as JSON and reused."""
     from .evaluation import evaluate_task
 
     metrics: dict[str, float] = {}
     for task in spec.eval.tasks:
         result = kept_json(spec.out_dir / "eval" / variant["name"] / f"{task}.json",
-                           lambda: evaluate_task(task, model, spec.eval))
+                           lambda: evaluate_task(task, model, spec.eval, seed=int(variant.get("seed", 0))))
         metrics[f"{task}_top1"] = float(result["top1"])
         if "top5" in result:
             metrics[f"{task}_top5"] = float(result["top5"])
@@ -361,15 +381,16 @@ def run_pipeline(spec: PipelineSpec) -> dict[str, Path]:
     trained = [r for r in runs if not r.get("scratch")]
     supervised = [r for r in trained if is_supervised(spec, r)]
     cached = [r for r in trained if r not in supervised and not r.get("online")]
-    names = list(dict.fromkeys(spec.cache_name(r) for r in cached))
-    caches = {name: stage_cache(spec, checkpoint, name) for name in names}
+    keys = list(dict.fromkeys(spec.cache_key(r) for r in cached))
+    caches = {key: stage_cache(spec, checkpoint, *key) for key in keys}
     mim = [r for r in trained if r not in supervised]
     heldout = stage_heldout(spec, checkpoint, list(dict.fromkeys(spec.cache_name(r) for r in mim))) \
         if spec.heldout and mim else {}
     classifier = stage_classifier_teacher(spec, checkpoint) if supervised else None
 
     def url(run: dict[str, Any]) -> str | None:
-        return caches.get(spec.cache_name(run)) if run in cached else None
+        """A cached run's cache; an online run's twin (its cache, when extracted for cached runs)."""
+        return caches.get(spec.cache_key(run)) if run in cached or (run in mim and run.get("online")) else None
 
     announce(f"distill: {len(trained)} runs")
     models = {}

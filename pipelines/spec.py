@@ -98,6 +98,12 @@ class PipelineSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     classifier_teacher: dict[str, Any] = field(default_factory=dict)
     builtin: dict[str, Any] = field(default_factory=dict)
+    # a variant with 'seeds' reads a cache drawn with its seed (its views' seed = the run's): seeds then
+    # vary the views as an online run's seeds do (issue 22); false: every seed reads the one cache
+    cache_per_seed: bool = True
+    # claims named before the run (issue 22): {name, candidate, reference, metric, min_ratio, max_cost};
+    # judged over the paired seeds of the two variants by benchmarks/views_budget.py
+    claims: list[dict[str, Any]] = field(default_factory=list)
     source: str = "<spec>"
 
     def __post_init__(self) -> None:
@@ -161,9 +167,15 @@ class PipelineSpec:
         chosen = variant.get("online") if variant.get("online") is not True else None
         return chosen or variant.get("cache") or next(iter(self.cache_options))
 
+    def cache_key(self, run: dict[str, Any]) -> tuple[str, int | None]:
+        """(cache name, view seed) a run trains on: a run of a variant with ``seeds`` gets the cache
+        drawn with its seed when ``cache_per_seed``; None: the cache's own settings."""
+        seed = run.get("seed") if run.get("per_seed") and self.cache_per_seed else None
+        return self.cache_name(run), seed
+
     def runs(self) -> list[dict[str, Any]]:
-        """The variants with ``seeds`` expanded: one run per seed, named ``<name>-s<seed>``;
-        every run carries ``variant`` (the row it is aggregated into)."""
+        """The variants with ``seeds`` expanded: one run per seed, named ``<name>-s<seed>``, marked
+        ``per_seed``; every run carries ``variant`` (the row it is aggregated into)."""
         runs = []
         for variant in self.variants:
             seeds = variant.get("seeds")
@@ -171,8 +183,8 @@ class PipelineSpec:
             if seeds is None:
                 runs.append({**base, "variant": variant["name"]})
             else:
-                runs += [{**base, "name": f"{variant['name']}-s{s}", "variant": variant["name"], "seed": s}
-                         for s in seeds]
+                runs += [{**base, "name": f"{variant['name']}-s{s}", "variant": variant["name"], "seed": s,
+                          "per_seed": True} for s in seeds]
         return runs
 
     @property

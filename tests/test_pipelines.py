@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hgkd.errors import HgkdError
 from hgkd.data.demo_data import write_digits_shards
 from hgkd.pipelines.report import aggregate, markdown_table, set_title, write_report
 from hgkd.pipelines.run import run_pipeline, validate_stages
 from hgkd.pipelines.spec import load_spec, spec_from_dict
+from hgkd.storage.cache import FeatureCache
 
 
 def tiny_spec(tmp_path: Path):
@@ -117,7 +120,8 @@ def test_views_budget_pipeline_caches_seeds_online_and_cost_columns(tmp_path, ca
     # costs: online spends live forwards and no cache; K=1 of a K=2 cache counts half its bytes
     n_train = 90
     assert float(rows["online"]["cache_gb"]) == 0.0
-    assert float(rows["online"]["teacher_fwd"]) == n_train  # one live forward per student image
+    # one live forward per student image, and one per image of the queue pre-fill (queue 64 < 90 images)
+    assert float(rows["online"]["teacher_fwd"]) == n_train + 64
     assert float(rows["k1"]["cache_gb"]) == pytest.approx(float(rows["k2"]["cache_gb"]) / 2)
     assert float(rows["k1"]["teacher_fwd"]) == n_train  # its one cached view of each image
     # two held-out caches (masked and full teacher views), the frontier plot, every stage announced
@@ -128,6 +132,29 @@ def test_views_budget_pipeline_caches_seeds_online_and_cost_columns(tmp_path, ca
                   "distill online-s1: starting", "evaluate: 5 runs"):
         assert f"[hgkd-pipeline] {stage}" in err, stage
     assert "distill: 100%" in err and ("run/s" in err or "s/run" in err)
+
+
+def test_seeds_draw_their_own_cache_online_twins_follow_it_and_evaluation_follows_the_seed(tmp_path):
+    """Issue 22: a variant with seeds reads a cache drawn with each seed; the online variant of
+    that seed is the twin of that very cache (views, batches, queue pre-fill); each run's
+    probes are seeded with the run's seed."""
+    spec = budget_spec(tmp_path, caches={"masked": {"views_per_image": 1, "mask_ratio": 0.5, "shard_views": 64}},
+                       heldout={}, eval={"train": [], "test": [], "tasks": ["knn"], "img_size": 32},
+                       variants=[{"name": "k1", "cache": "masked", "seeds": [0, 1]},
+                                 {"name": "online", "online": "masked", "seeds": [0, 1]}])
+    data = spec.data
+    spec.eval.train, spec.eval.test = data, []
+    run_pipeline(spec)
+    out = Path(spec.out)
+    for seed in (0, 1):
+        cache = FeatureCache.open(str(out / "caches" / f"masked-s{seed}.zarr"))
+        assert cache.meta.view["seed"] == seed and cache.is_complete()
+        for name in (f"k1-s{seed}", f"online-s{seed}"):
+            config = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
+            assert config["cache"] == str(out / "caches" / f"masked-s{seed}.zarr") and config["seed"] == seed
+            assert json.loads((out / "eval" / name / "knn.json").read_text())["seed"] == seed
+        assert config["online_teacher"] == spec.teacher["name"]
+    assert not (out / "caches" / "masked.zarr").exists()  # no seedless copy: nothing reads it
 
 
 @pytest.mark.parametrize("over, message", [

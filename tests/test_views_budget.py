@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import extract_args, run_cli
+from conftest import corrupt_jpeg, extract_args, run_cli, write_tars
+from hgkd.data.demo_data import SKIMAGE_IMAGES
 from hgkd.distill.checkpoint import LAST, load_checkpoint
 from hgkd.distill.config import DistillConfig
 from hgkd.distill.data import CacheViewDataset, ChunkAwareBatchSampler, EpochRows, whole_batch
@@ -146,6 +147,80 @@ def test_online_views_k_gives_the_cached_runs_batches(full_cache, photo_tars, tm
             torch.testing.assert_close(got.tokens, want.tokens, atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def twin_data(tmp_path_factory) -> tuple[str, str]:
+    """12 photos and one undecodable image, a full-view K=2 cache in 8-view shards (4 shards,
+    the skipped image's rows in one of them): what an online twin must follow exactly."""
+    root = tmp_path_factory.mktemp("twin")
+    tars = write_tars(root / "tars", list(SKIMAGE_IMAGES[:12]), per_shard=5, extra={"img/broken": {"jpg": corrupt_jpeg()}})
+    out = str(root / "cache.zarr")
+    result = run_cli(extract_args(tars, out, "--codec", "f32", "--teacher-view", "full"))
+    assert result.exit_code == 0, result.output
+    return tars, out
+
+
+def test_online_twin_of_a_cache_reads_the_cached_runs_views_in_its_batches(twin_data, tmp_path):
+    """``--online-teacher`` with ``--cache`` (issue 22): the cache's shard size, skipped image and
+    view settings decide the batches; with --online-views K the very views of a --cache-views K
+    run, with 0 the fresh view e; the queue pre-fill takes the cached run's rows."""
+    tars, cache = twin_data
+    cached = make_targets(cfg(tars, tmp_path, cache=cache, teacher_view="full"), CPU)
+    arrays = FeatureCache.open(cache).read(np.arange(FeatureCache.open(cache).num_views), ["index", "view_index"])
+    assert len(cached.dataset.view_rows) == N_IMAGES  # the broken image is out
+    for views in (K, 0):
+        online = make_targets(cfg(tars, tmp_path, online_teacher=TEACHER, cache=cache, online_views=views, epochs=3,
+                                  mask_ratio=0.9), CPU)  # the cache's settings win over the options
+        assert online.dataset.view_cfg.teacher_view == "full" and online.dataset.view_cfg.mask_ratio == 0.5
+        samplers = [t.sampler(4, seed=3, rank=0, world_size=1) for t in (online, cached)]
+        for epoch in range(3):
+            pairs = list(zip(*(epoch_rows(s, epoch) for s in samplers)))
+            assert len(pairs) == N_IMAGES // 4
+            for rows_online, rows_cached in pairs:
+                samples, shown = np.divmod(np.asarray(rows_online), online.row_views)
+                assert samples.tolist() == arrays["index"][rows_cached].tolist()
+                assert set(shown.tolist()) == {epoch % K if views else epoch}
+            rows_online, rows_cached = pairs[0]
+            samples, shown = np.divmod(np.asarray(rows_online), online.row_views)
+            got = online.complete(online.dataset[rows_online])
+            if views or epoch < K:  # the cache holds the view shown
+                want = cached.dataset[[int(np.flatnonzero((arrays["index"] == s) & (arrays["view_index"] == v))[0])
+                                       for s, v in zip(samples, shown)]].ready()
+                order = np.argsort(arrays["index"][want.rows.numpy()])  # the cached batch is in row order
+                assert got.indices.tolist() == sorted(samples.tolist())
+                assert torch.equal(got.images, want.images[order])
+                torch.testing.assert_close(got.tokens, want.tokens[order], atol=1e-5, rtol=0)
+        pre_online, pre_cached = online.prefill_rows(5, seed=1), cached.prefill_rows(5, seed=1)
+        assert (np.divmod(pre_online, online.row_views)[0] == arrays["index"][pre_cached]).all()
+
+
+def test_online_twin_of_a_grown_cache_follows_its_row_table(grown_cache, photo_tars, tmp_path):
+    """A grown cache's rows are not image * K + view (padding, a second block): the twin maps them."""
+    cached = make_targets(cfg(photo_tars, tmp_path, cache=grown_cache), CPU)
+    online = make_targets(cfg(photo_tars, tmp_path, online_teacher=TEACHER, cache=grown_cache, online_views=K), CPU)
+    index = FeatureCache.open(grown_cache).read(np.arange(FeatureCache.open(grown_cache).num_views), ["index"])["index"]
+    samplers = [t.sampler(4, seed=2, rank=0, world_size=1) for t in (online, cached)]
+    for epoch in range(2):
+        for rows_online, rows_cached in zip(*(epoch_rows(s, epoch) for s in samplers)):
+            assert (np.asarray(rows_online) // K).tolist() == index[rows_cached].tolist()
+
+
+def test_resume_after_the_cache_grew_continues_with_the_original_command(photo_tars, tmp_path):
+    """Issue 22: a run on every view of a K=1 cache (--cache-views 0), interrupted, the cache grown
+    to K=2, then resumed with the same command: it keeps K=1 and ends as an uninterrupted run."""
+    cache = str(tmp_path / "c.zarr")
+    args = extract_args(photo_tars, cache, "--codec", "f32")
+    args[args.index("--views-per-image") + 1] = "1"
+    assert run_cli(args).exit_code == 0
+    config = cfg(photo_tars, tmp_path / "run", cache=cache, checkpoint_every=1, epochs=2)
+    Trainer(config).fit(stop_after_steps=4)
+    args[args.index("--views-per-image") + 1] = "2"
+    assert run_cli(args).exit_code == 0 and FeatureCache.open(cache).meta.view["views_per_image"] == 2
+    Trainer(config, resume=True).fit()
+    Trainer(cfg(photo_tars, tmp_path / "reference", cache=cache, cache_views=1, epochs=2)).fit()
+    assert read_metrics(tmp_path / "run") == pytest.approx(read_metrics(tmp_path / "reference"), abs=1e-6)
+    assert json.loads((tmp_path / "run" / "cost.json").read_text())["views"] == 1
+
+
 def test_fresh_student_masks_over_a_full_view_cache(full_cache, photo_tars, tmp_path):
     fresh = make_targets(cfg(photo_tars, tmp_path, cache=full_cache, student_mask="fresh"), CPU)
     stored = CacheViewDataset(full_cache, [photo_tars])
@@ -219,4 +294,6 @@ def test_cost_counts_distinct_views_and_live_forwards(f32_cache, photo_tars, tmp
     online.fit()
     cost = json.loads((tmp_path / "online" / "cost.json").read_text())
     assert cost["targets"] == "online" and cost["views"] == 0 and cost["cache"] is None
-    assert cost["teacher_forwards"] == cost["student_images"] == 2 * N_IMAGES and cost["cache_bytes_read"] == 0
+    assert cost["student_images"] == 2 * N_IMAGES and cost["cache_bytes_read"] == 0
+    # one live forward per student image, plus the queue pre-fill (queue 16 >= the 12 images: one each)
+    assert cost["teacher_forwards"] == cost["student_images"] + N_IMAGES
