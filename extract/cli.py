@@ -157,8 +157,10 @@ def info(cache: str, as_json: bool) -> None:
     click.echo("checksums  crc32c on every array" if not unchecked else
                f"checksums  none on {', '.join(unchecked)} (made before checksums on every array): verify cannot "
                "detect damage there")
+    seconds = cost["extraction_seconds"]
     click.echo(f"cost       {cost['teacher_forwards']} teacher forwards spent (views extracted), "
-               f"{cost['bytes_stored'] / 2**20:.1f} MiB stored")
+               f"{cost['bytes_stored'] / 2**20:.1f} MiB stored, "
+               + (f"{seconds:.1f} s of extraction" if seconds is not None else "extraction time not recorded"))
     if cost["bytes_per_view"]:
         click.echo(f"size       {cost['bytes_per_view'] / 1024:.1f} KiB per view stored")
     reasons = cost["skipped_samples"]

@@ -321,7 +321,8 @@ def _fill_block(cache: FeatureCache, block: RowBlock, access: RandomAccessSource
 
 
 def _submit(cache: FeatureCache, buffer: ShardBuffer, lock, writer: BackgroundWriter) -> int:
-    record = completion_record(cache, buffer.shard, buffer.rows, buffer.arrays["status"], buffer.skipped)
+    record = completion_record(cache, buffer.shard, buffer.rows, buffer.arrays["status"], buffer.skipped,
+                               seconds=time.perf_counter() - buffer.started)
     writer.submit(buffer, record, lock or None)
     return buffer.shard
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,6 +37,7 @@ class ShardBuffer:
         self.arrays["label"][:] = -1
         self.skipped: list[dict[str, Any]] = []
         self.fingerprint: tuple[list[int], list[np.ndarray]] | None = ([], []) if shard == 0 else None
+        self.started = time.perf_counter()  # the shard's extraction time goes into its completion record
 
     def keep_fingerprint(self, rows: list[int], views_vchw: "torch.Tensor") -> None:
         """Shard 0 keeps its first ``MAX_VIEWS`` views' pixels (``storage.fingerprint``)."""

@@ -37,6 +37,7 @@ from ..storage.cache import FeatureCache
 from ..storage.codecs import CodecSpec
 from ..storage.verify import verify_cache
 from .report import write_report
+from .sweep_cost import SWEEP_COST_FILE, sweep_cost
 from .spec import DEFAULT_CACHE, PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -414,4 +415,24 @@ def run_pipeline(spec: PipelineSpec) -> dict[str, Path]:
             if spec.eval.test and run in supervised:
                 row.update(stage_classifier_eval(spec, run))
             rows.append(row)
-    return write_report(rows, spec.out_dir, mark_random_teacher(spec, rows))
+    paths = write_report(rows, spec.out_dir, mark_random_teacher(spec, rows))
+    if mim:
+        announce("sweep cost: the caches once, every run, and the same sweep with a live teacher (timed)")
+        configs = {caches[key]: _extract_config(spec, cache_options(spec, *key), spec.data, checkpoint, caches[key])
+                   for key in keys}
+        cost = sweep_cost(spec.out_dir, {r["name"]: url(r) if r in cached else None for r in mim}, configs)
+        paths["sweep_cost"] = spec.out_dir / SWEEP_COST_FILE
+        with paths["md"].open("a") as f:
+            f.write(sweep_cost_line(cost))
+    return paths
+
+
+def sweep_cost_line(cost: dict[str, Any]) -> str:
+    """The sweep-cost sentence under the results table."""
+    if cost["p7"] is None:
+        return f"\nSweep cost: {cost['note']}.\n"
+    extraction = sum(c["extraction_seconds"] for c in cost["caches"].values())
+    return (f"\nSweep cost: {cost['cached_sweep_seconds']:,.0f} s with the caches ({extraction:,.0f} s extracting "
+            f"{cost['cached_teacher_forwards']:,} teacher forwards once) against {cost['live_sweep_seconds']:,.0f} s "
+            f"with a live teacher ({cost['live_teacher_forwards']:,} forwards): P7 = {cost['p7']:.3f} "
+            f"(`sweep_cost.json`).\n")

@@ -356,7 +356,8 @@ class FeatureCache:
         return list(skipped.values())
 
     def cost_summary(self) -> dict[str, Any]:
-        """What the cache cost so far (issue 12): teacher forwards, stored bytes, skips by reason.
+        """What the cache cost so far (issues 12, 22): teacher forwards, stored bytes, skips by reason,
+        extraction seconds.
 
         ``teacher_forwards`` counts the views extracted (ok rows of completed shards; a skipped
         sample costs none); ``bytes_per_view`` is the stored bytes of every array over them.
@@ -364,6 +365,7 @@ class FeatureCache:
         done = self.completed_shards()
         records = self._records(done)
         forwards = sum(int(r.get("num_ok", 0)) for r in records)
+        timed = [r["seconds"] for r in records if r.get("seconds") is not None]
         stored = self.nbytes_stored()
         reasons: dict[str, int] = {}
         for entry in self._skipped(records):
@@ -371,6 +373,8 @@ class FeatureCache:
         return {"shards_done": len(done), "num_shards": self.num_shards, "teacher_forwards": forwards,
                 "views_skipped": sum(int(r.get("num_skipped", 0)) for r in records), "bytes_stored": stored,
                 "bytes_per_view": stored / forwards if forwards else None, "skipped_samples": reasons,
+                # process-seconds of extraction over the shards that recorded them (None: made before issue 22)
+                "extraction_seconds": sum(timed) if timed and len(timed) == len(records) else None,
                 "blocks": [b.to_json() for b in self.blocks]}
 
     # ---- reading ----------------------------------------------------------------------

@@ -41,11 +41,12 @@ def claim_shard(cache: FeatureCache, shard: int, rank: int, world_size: int,
 
 
 def completion_record(cache: FeatureCache, shard: int, rows: range, status: np.ndarray,
-                      skipped: list[dict[str, Any]]) -> dict[str, Any]:
-    """The record stored when ``shard`` (cache rows ``rows``, per-row ``status``) is written."""
+                      skipped: list[dict[str, Any]], seconds: float | None = None) -> dict[str, Any]:
+    """The record stored when ``shard`` (cache rows ``rows``, per-row ``status``) is written;
+    ``seconds``: the extraction process's wall time on it (read, decode, teacher, encode; issue 22)."""
     n_skipped = int((status == STATUS_SKIPPED).sum())
     return {
-        "shard": shard, "rows": [rows.start, rows.stop],
+        "shard": shard, "rows": [rows.start, rows.stop], "seconds": seconds,
         "num_ok": len(rows) - n_skipped, "num_skipped": n_skipped, "skipped": skipped,
         "settings": cache.meta.fingerprint(), "writer": f"{socket.gethostname()}:{os.getpid()}",
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

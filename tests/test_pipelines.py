@@ -127,6 +127,17 @@ def test_views_budget_pipeline_caches_seeds_online_and_cost_columns(tmp_path, ca
     # two held-out caches (masked and full teacher views), the frontier plot, every stage announced
     assert sorted(p.name for p in (Path(spec.out) / "heldout").glob("*.zarr")) == ["full.zarr", "masked.zarr"]
     assert paths["frontier"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # sweep cost (issue 22, P7): each cache once from its record, each run, a live teacher timed
+    cost = json.loads(paths["sweep_cost"].read_text())
+    assert set(cost["runs"]) == {"online-s0", "online-s1", "k1", "k2", "full_fresh"}
+    assert len(cost["caches"]) == 2 and all(c["extraction_seconds"] > 0 and c["teacher_seconds_per_view"] > 0
+                                            for c in cost["caches"].values())
+    cached_runs = [r for r in cost["runs"].values() if r["cache"]]
+    assert all(r["live_wall_s"] > r["wall_s"] for r in cached_runs)
+    assert cost["cached_sweep_seconds"] == pytest.approx(
+        sum(c["extraction_seconds"] for c in cost["caches"].values()) + sum(r["wall_s"] for r in cost["runs"].values()))
+    assert cost["p7"] == pytest.approx(cost["cached_sweep_seconds"] / cost["live_sweep_seconds"])
+    assert "P7 = " in paths["md"].read_text()
     err = capsys.readouterr().err
     for stage in ("teacher: MAE pre-training", "cache masked: extracting", "held-out cache full: extracting",
                   "distill online-s1: starting", "evaluate: 5 runs"):
