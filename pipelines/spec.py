@@ -111,6 +111,7 @@ class PipelineSpec:
         if not names or not all(names) or len(set(names)) != len(names):
             raise HgkdError(f"{self.source}: every variant needs a unique 'name' (got {names})")
         self.eval.check(self.source)
+        self.check_claims()
         if self.eval.features_dir is None:
             self.eval.features_dir = str(Path(self.out) / "features")
         if "name" not in self.teacher:
@@ -166,6 +167,20 @@ class PipelineSpec:
         """The cache a variant trains on (online: whose view settings it uses)."""
         chosen = variant.get("online") if variant.get("online") is not True else None
         return chosen or variant.get("cache") or next(iter(self.cache_options))
+
+    def check_claims(self) -> None:
+        """Each claim names two variants, a metric and its bounds (issue 22: named before the run)."""
+        needed = {"name", "candidate", "reference", "metric", "min_ratio", "max_cost"}
+        variants = {v["name"]: v for v in self.variants}
+        for claim in self.claims:
+            where = f"{self.source}: claim {claim.get('name')!r}" if isinstance(claim, dict) else f"{self.source}: claims"
+            if not isinstance(claim, dict) or set(claim) != needed:
+                raise HgkdError(f"{where}: give exactly {', '.join(sorted(needed))}")
+            for role in ("candidate", "reference"):
+                if claim[role] not in variants:
+                    raise HgkdError(f"{where}: {role} {claim[role]!r} is not a variant")
+            if variants[claim["candidate"]].get("seeds") != variants[claim["reference"]].get("seeds"):
+                raise HgkdError(f"{where}: candidate and reference need the same seeds (the comparison is paired)")
 
     def cache_key(self, run: dict[str, Any]) -> tuple[str, int | None]:
         """(cache name, view seed) a run trains on: a run of a variant with ``seeds`` gets the cache

@@ -217,4 +217,24 @@ def test_views_budget_pipeline_file_is_the_issue_12_frontier():
         assert all(v.get("student_mask") == "fresh" for k, v in rows.items() if k.startswith("full"))
     assert spec.caches["full"]["teacher_view"] == "full" and spec.caches["masked"]["views_per_image"] == 8
     assert spec.data == ["builtin:digits-train"] and spec.heldout["data"] == ["builtin:digits-test"]
+    # issue 22: the claims are named in the file, before any run, and compare paired seeds
+    assert {c["name"]: (c["candidate"], c["reference"]) for c in spec.claims} == {
+        "P6": ("full_k1_e8", "online_e8"), "P6_long": ("full_k1_e32", "online_e32")}
     validate_stages(spec)
+
+
+@pytest.mark.parametrize("claim, message", [
+    ({"name": "x", "candidate": "k1", "reference": "nope", "metric": "mlp_top1", "min_ratio": 0.99, "max_cost": 1},
+     "reference 'nope' is not a variant"),
+    ({"name": "x", "candidate": "k1", "reference": "online", "metric": "mlp_top1", "min_ratio": 0.99, "max_cost": 1},
+     "same seeds"),
+    ({"name": "x", "candidate": "k1"}, "give exactly"),
+])
+def test_claims_are_checked_when_the_file_is_read(tmp_path, claim, message):
+    with pytest.raises(HgkdError, match=message):
+        budget_spec(tmp_path, claims=[claim])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "pipelines").glob("*.yaml")))
+def test_every_shipped_pipeline_file_builds_every_stage(name):
+    validate_stages(load_spec(str(Path(__file__).parents[1] / "pipelines" / name)))
