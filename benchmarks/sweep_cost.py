@@ -15,19 +15,18 @@ a measured sweep, and is not a goal.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from hgkd.pipelines.run import resolve_builtin, run_pipeline
-from hgkd.pipelines.spec import load_spec
-from hgkd.pipelines.sweep_cost import SWEEP_COST_FILE
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from views_budget import run_or_collect  # noqa: E402  (benchmarks/ is not a package)
+
+from hgkd.pipelines.sweep_cost import SWEEP_COST_FILE  # noqa: E402
 
 HERE = Path(__file__).parent
 P7_GOAL = 0.4
@@ -54,17 +53,7 @@ def gpu_projection(sweep: dict) -> dict | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--pipeline", default=str(HERE.parent / "pipelines" / "table5_small.yaml"))
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--no-run", action="store_true", help="only collect the results of a finished run")
-    args = ap.parse_args()
-    spec = load_spec(args.pipeline, args.overrides)
-    start = time.perf_counter()
-    if args.no_run:
-        resolve_builtin(spec)
-    else:
-        run_pipeline(spec)
+    args, spec, wall = run_or_collect(__doc__, str(HERE.parent / "pipelines" / "table5_small.yaml"))
     sweep = json.loads((spec.out_dir / SWEEP_COST_FILE).read_text())
     p7 = sweep["p7"]
     result = {
@@ -73,7 +62,7 @@ def main() -> None:
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "loadavg_1_5_15_end": os.getloadavg()},
         "pipeline": args.pipeline, "overrides": args.overrides, "variants": len(spec.variants),
-        "wall_seconds": None if args.no_run else time.perf_counter() - start,
+        "wall_seconds": wall,
         "sweep": sweep, "gpu_projection": gpu_projection(sweep),
         "goals": {"P7_sweep_cached_vs_live_teacher": {
             "value": p7, "goal": P7_GOAL, "met": p7 is not None and p7 <= P7_GOAL, "better": "lower",

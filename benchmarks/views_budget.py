@@ -31,7 +31,7 @@ import torch
 from scipy import stats
 
 from hgkd.pipelines.run import resolve_builtin, run_pipeline
-from hgkd.pipelines.spec import load_spec
+from hgkd.pipelines.spec import PipelineSpec, load_spec
 from hgkd.pipelines.sweep_cost import SWEEP_COST_FILE
 from hgkd.storage.cache import FeatureCache
 
@@ -105,21 +105,28 @@ def where() -> dict:
             "loadavg_1_5_15_end": os.getloadavg()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--pipeline", default=str(HERE.parent / "pipelines" / "views_budget.yaml"))
+def run_or_collect(description: str, pipeline: str) -> tuple[argparse.Namespace, PipelineSpec, float | None]:
+    """A benchmark over a pipeline file (also ``sweep_cost.py``): parse ``--pipeline``, ``--set``
+    and ``--no-run``, then run the pipeline (finished stages reused) or only resolve its data.
+    Returns the options, the spec and the run's wall seconds (None with ``--no-run``)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--pipeline", default=pipeline)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--no-run", action="store_true", help="only collect the results of a finished run")
     args = ap.parse_args()
     spec = load_spec(args.pipeline, args.overrides)
+    start = time.perf_counter()
+    if args.no_run:
+        resolve_builtin(spec)
+        return args, spec, None
+    run_pipeline(spec)
+    return args, spec, time.perf_counter() - start
+
+
+def main() -> None:
+    args, spec, wall = run_or_collect(__doc__, str(HERE.parent / "pipelines" / "views_budget.yaml"))
     if not spec.claims:
         sys.exit(f"{args.pipeline}: no claims named: nothing to judge")
-    start = time.perf_counter()
-    if not args.no_run:
-        run_pipeline(spec)
-    else:
-        resolve_builtin(spec)
-    wall = None if args.no_run else time.perf_counter() - start
     out_dir = spec.out_dir
     rows, runs = read_csv(out_dir / "results.csv"), read_csv(out_dir / "results_runs.csv")
     for row in rows:
