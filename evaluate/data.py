@@ -226,6 +226,17 @@ def split(source: LabelledSet, test_fraction: float = 0.25, seed: int = 0) -> tu
     return source.subset(sorted(train_idx)), source.subset(sorted(test_idx))
 
 
+def labelled_few(source: LabelledSet, per_class: int, seed: int = 0) -> LabelledSet:
+    """The semi-supervised protocol's labelled subset (SimCLR, BYOL: a fixed fraction of the labels):
+    ``per_class`` images of every class, drawn with ``seed`` (a class with fewer keeps all)."""
+    if per_class < 1:
+        raise HgkdError(f"labels_per_class {per_class} must be at least 1")
+    rng = np.random.default_rng([seed, per_class])
+    labels = source.labels.numpy()
+    chosen = [rng.permutation(np.flatnonzero(labels == label))[:per_class] for label in np.unique(labels)]
+    return source.subset(np.sort(np.concatenate(chosen)))
+
+
 def align_classes(train: LabelledSet, test: LabelledSet) -> LabelledSet:
     """Re-number a folder test set's labels by class name so they match the train folder's."""
     if train.classes is None or test.classes is None or train.classes == test.classes:

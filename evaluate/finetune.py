@@ -42,7 +42,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 from ..devices import join_process_group
 from ..errors import HgkdError
-from .data import MIN_SCALE, LabelledSet
+from .data import MIN_SCALE, LabelledSet, labelled_few
 from .probe import ProbeHead, batches, class_index, cosine_schedule, model_device, seeded, topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,12 @@ log = logging.getLogger(__name__)
 
 def finetune(model: nn.Module, train: LabelledSet, test: LabelledSet, epochs: int = 10, lr: float = 5e-4,
              weight_decay: float = 0.05, batch_size: int = 64, hidden: int | None = None, seed: int = 0,
-             workers: int = 0, min_scale: float = MIN_SCALE) -> dict:
-    """Fine-tune a copy of ``model`` (on its device) with an MLP head; test top-1/top-5 in percent."""
+             workers: int = 0, min_scale: float = MIN_SCALE, labels_per_class: int | None = None) -> dict:
+    """Fine-tune a copy of ``model`` (on its device) with an MLP head; test top-1/top-5 in percent.
+    ``labels_per_class``: train on that many labelled images of each class only (``labelled_few``,
+    drawn with ``seed``): the semi-supervised protocol, where a pre-trained trunk matters most."""
+    if labels_per_class is not None:
+        train = labelled_few(train, labels_per_class, seed)
     train_i, test_i, classes = class_index(train.labels, test.labels)
     if len(classes) < 2 or epochs < 1 or batch_size < 2:
         raise HgkdError(f"fine-tuning needs 2+ training classes (got {len(classes)}), epochs >= 1, batch size >= 2")
@@ -93,6 +97,7 @@ def finetune(model: nn.Module, train: LabelledSet, test: LabelledSet, epochs: in
                    "n_classes": len(classes), "n_train": len(train), "n_test": len(test), "epochs": epochs,
                    "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
                    "hidden": hidden or backbone.num_features, "min_scale": min_scale, "optimizer": "adamw",
+                   "labels_per_class": labels_per_class, "n_labelled": len(train),
                    **({"ranks": world, "sync_batchnorm": device.type == "cuda"} if world > 1 else {})}]
     if world > 1:
         dist.broadcast_object_list(result, src=0)

@@ -24,7 +24,7 @@ from hgkd.errors import HgkdError
 from hgkd.evaluate import (extract_features, finetune, knn_eval, linear_probe, load_labelled, load_student,
                            load_train_test, run_task, split)
 from hgkd.evaluate.cli import main as evaluate_cli
-from hgkd.evaluate.data import align_classes
+from hgkd.evaluate.data import align_classes, labelled_few
 from hgkd.evaluate.probe import class_index, knn_votes
 from hgkd.data.demo_data import _jpeg, _load
 
@@ -284,6 +284,20 @@ def test_finetune_one_epoch(crops_tars):
     assert 0.0 <= result["top1"] <= result["top5"] <= 100.0 and np.isfinite(result["final_loss"])
     assert (result["n_train"], result["n_test"], result["n_classes"]) == (len(train), len(test), len(PHOTOS))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # trained a copy
+
+
+def test_finetune_on_a_few_labels_per_class(crops_tars):
+    """The semi-supervised protocol (issue 22): the same number of labelled images of every
+    class, drawn with the seed (another seed, another draw), the test set untouched."""
+    train, test = load_train_test(crops_tars, None, img_size=32, test_fraction=0.25, seed=0)
+    few = [labelled_few(train, 3, seed) for seed in (0, 0, 1)]
+    assert all(sorted(np.bincount(f.labels.numpy()).tolist()) == [3] * len(PHOTOS) for f in few)
+    assert few[0].keys == few[1].keys and few[0].keys != few[2].keys and set(few[0].keys) <= set(train.keys)
+    result = finetune(load_student("scratch:resnet18"), train, test, epochs=1, batch_size=8, seed=0, min_scale=0.3,
+                      labels_per_class=3)
+    assert (result["n_labelled"], result["labels_per_class"], result["n_test"]) == (3 * len(PHOTOS), 3, len(test))
+    with pytest.raises(HgkdError, match="labels_per_class 0"):
+        labelled_few(train, 0)
 
 
 def test_run_task_api_on_loaded_sets(crops_tars):
