@@ -22,6 +22,7 @@ def evaluate_task(task: str, model: str, spec: EvalSpec, seed: int = 0) -> dict[
     """``seed``: the run's (probe initialisation and order, a held-out split, a scratch trunk)."""
     train = _labelled(tuple(spec.train), spec.img_size, "--train")
     test = _labelled(tuple(spec.test), spec.img_size, "--test") if spec.test else None
-    return run_task(task, model, train, test, img_size=spec.img_size, test_fraction=spec.test_fraction,
+    registered, options = spec.task_of(task)
+    return run_task(registered, model, train, test, img_size=spec.img_size, test_fraction=spec.test_fraction,
                     features_dir=spec.features_dir, workers=spec.workers, memory_mb=spec.memory_mb, seed=seed,
-                    **spec.options.get(task, {}))
+                    **options)

@@ -66,21 +66,30 @@ class EvalSpec:
     test_fraction: float = 0.25  # used when no test set is given
     tasks: list[str] = field(default_factory=lambda: ["knn", "mlp"])
     img_size: int = 224
-    options: dict[str, Any] = field(default_factory=dict)  # per-task options, e.g. {finetune: {epochs: 5}}
+    # per-task options, e.g. {finetune: {epochs: 5}}; an entry with 'task' is a named instance of that task
+    # with its own options, listed in 'tasks' by its name: {finetune_10: {task: finetune, labels_per_class: 10}}
+    options: dict[str, Any] = field(default_factory=dict)
     features_dir: str | None = None  # the frozen-feature cache; default <out>/features
     workers: int = 0  # DataLoader workers decoding images
     memory_mb: float = 2048  # probes and kNN load at most this much of the feature cache
 
+    def task_of(self, name: str) -> tuple[str, dict[str, Any]]:
+        """The registered task an entry of ``tasks`` runs, and its options."""
+        opts = dict(self.options.get(name) or {})
+        return opts.pop("task", name), opts
+
     def check(self, source: str) -> None:
         """Tasks and their options against ``hgkd.evaluate``'s task registry."""
         names = EVAL_TASKS.names()
-        bad = [t for t in [*self.tasks, *self.options] if t not in EVAL_TASKS]
+        bad = [t for t in dict.fromkeys([*self.tasks, *self.options]) if self.task_of(t)[0] not in EVAL_TASKS]
         if bad:
-            raise HgkdError(f"{source}: unknown eval tasks {bad}; choose from {names}")
-        for task, opts in self.options.items():
-            unknown = sorted(set(opts or {}) - EVAL_TASKS.get(task).options)
+            raise HgkdError(f"{source}: unknown eval tasks {bad}; choose from {names} (or name one in options "
+                            f"with 'task')")
+        for name in self.options:
+            task, opts = self.task_of(name)
+            unknown = sorted(set(opts) - EVAL_TASKS.get(task).options)
             if unknown:
-                raise HgkdError(f"{source}: eval options of {task}: unknown {unknown}; "
+                raise HgkdError(f"{source}: eval options of {name}: unknown {unknown}; "
                                 f"it takes {sorted(EVAL_TASKS.get(task).options)}")
 
 

@@ -235,6 +235,17 @@ def test_claims_are_checked_when_the_file_is_read(tmp_path, claim, message):
         budget_spec(tmp_path, claims=[claim])
 
 
+def test_a_task_can_run_twice_under_names_with_their_own_options(tmp_path):
+    """eval.options entries with 'task' name an instance of a registered task (the demo's few-label
+    fine-tune beside the full one); their options are checked against that task."""
+    spec = budget_spec(tmp_path, eval={"tasks": ["knn", "knn_k3"], "options": {"knn_k3": {"task": "knn", "k": 3}}})
+    assert spec.eval.task_of("knn_k3") == ("knn", {"k": 3}) and spec.eval.task_of("knn") == ("knn", {})
+    with pytest.raises(HgkdError, match="eval options of knn_k3: unknown \\['epochs'\\]"):
+        budget_spec(tmp_path, eval={"tasks": ["knn_k3"], "options": {"knn_k3": {"task": "knn", "epochs": 3}}})
+    with pytest.raises(HgkdError, match="unknown eval tasks \\['knn_k3'\\]"):
+        budget_spec(tmp_path, eval={"tasks": ["knn_k3"]})
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "pipelines").glob("*.yaml")))
 def test_every_shipped_pipeline_file_builds_every_stage(name):
     validate_stages(load_spec(str(Path(__file__).parents[1] / "pipelines" / name)))
