@@ -3,11 +3,15 @@
     hgkd-evaluate knn      --model student.safetensors --train 'train-{000..009}.tar' --test val.tar --out knn.json
     hgkd-evaluate linear   --model runs/hgkd-r50 --train imagefolder/ --head mlp --out mlp.json
     hgkd-evaluate finetune --model scratch:resnet50 --train data.tar --test-fraction 0.2 --epochs 5 --out ft.json
+    hgkd-evaluate detection --model student.safetensors --train instances_train2017.json --train-images train2017/ \
+        --test instances_val2017.json --test-images val2017/ --out coco.json
 
 Each command writes one JSON record and prints one summary line. Images are read and decoded
 batch by batch (``--workers``); kNN and probes train from a feature cache (``--features-dir``).
-``torchrun --nproc_per_node N -m hgkd.evaluate.cli finetune ...`` fine-tunes with DDP; rank 0
-writes the record.
+``torchrun --nproc_per_node N -m hgkd.evaluate.cli finetune ...`` (or ``detection``) fine-tunes
+with DDP; rank 0 writes the record. ``detection`` fine-tunes Faster/Mask R-CNN on COCO-format
+data (default: the embedded digit set), prints COCOeval's AP table and writes the detections
+beside the record.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ from typing import Any, Callable
 
 import click
 
-from ..errors import user_errors
+from ..config import default_of
+from ..errors import HgkdError, user_errors
 from ..registry import PROBE_HEAD_NAMES
+from .detection_recipe import AUTO, DETECTORS, NORMS, RECIPES, DetectionRecipe
 
 
 @click.group()
@@ -67,12 +73,17 @@ def _run(task: str, out: str, model: str, train: tuple[str, ...], test: tuple[st
 
     given = {name: value for name, value in opts.items() if value is not None}  # unset: the task's default
     record = run_task(task, model, list(train), list(test) or None, **given)
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 writes the record
+    _write(record, out, lambda path: f"{summary_line(record)} -> {path}")
+
+
+def _write(record: dict[str, Any], out: str, summary: Callable[[Path], str]) -> None:
+    """Rank 0 (torchrun) or the only process writes the record and prints its summary."""
+    if int(os.environ.get("RANK", "0")) != 0:
         return
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    click.echo(f"{summary_line(record)} -> {path}")
+    click.echo(summary(path))
 
 
 @main.command()
@@ -112,6 +123,86 @@ def linear(head: str, **opts: Any) -> None:
 def finetune(**opts: Any) -> None:
     """Fine-tune backbone + MLP head end to end on augmented images (AdamW, cosine)."""
     _run("finetune", **opts)
+
+
+def _recipe(name: str) -> Any:
+    value = default_of(DetectionRecipe, name)
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+def _about(name: str, text: str = "") -> str:
+    """Help of a recipe option: unset, it takes --recipe's value; the 1x value is shown."""
+    return f"{text} [1x: {_recipe(name)}]".strip()
+
+
+def _int_list(option: str, text: str | None, length: int | None = None) -> list[int] | None:
+    """``--train-sizes 640,672,800`` -> [640, 672, 800]; one line when not integers."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise HgkdError(f"{option} {text!r}: expected comma-separated integers, e.g. {_recipe('train_sizes')}") \
+            from None
+    if length is not None and len(values) != length:
+        raise HgkdError(f"{option} {text!r}: expected {length} comma-separated integers")
+    return values
+
+
+@main.command()
+@click.option("--model", required=True, help="student.safetensors, a distillation run directory, scratch:<timm arch>, "
+                                              "or supervised:<timm arch>:<ImageNet weight file>.")
+@click.option("--train", default="builtin:digit-detection-train", show_default=True,
+              help="COCO instances JSON (local or URL); builtin:digit-detection-train is the embedded digit set.")
+@click.option("--train-images", help="The folder of --train's images (local or URL).")
+@click.option("--test", default="builtin:digit-detection-val", show_default=True,
+              help="COCO instances JSON to score on; builtin:digit-detection-val with the embedded set.")
+@click.option("--test-images", help="The folder of --test's images.")
+@click.option("--recipe", type=click.Choice([AUTO, *RECIPES]), default=AUTO, show_default=True,
+              help="Named recipe the options below override: 1x (COCO's standard schedule), digits (the embedded set "
+                   "on CPU); auto: digits on the embedded set, else 1x.")
+@click.option("--detector", type=click.Choice(DETECTORS), help=_about("detector", "maskrcnn: box and mask AP; "
+                                                                                 "fasterrcnn: box AP."))
+@click.option("--norm", type=click.Choice(NORMS), help=_about(
+    "norm", "syncbn: BN trained in trunk, FPN and heads (SyncBN under DDP on CUDA), nothing frozen - the "
+            "self-supervised protocol; frozen: detectron2's frozen BN, stem and res2 frozen."))
+@click.option("--epochs", type=click.IntRange(min=1), help=_about("epochs"))
+@click.option("--batch-size", type=click.IntRange(min=1), help=_about("batch_size", "Images per step, all ranks."))
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help=_about("lr", "SGD lr per 16 images, scaled "
+                                                                                 "linearly to --batch-size."))
+@click.option("--momentum", type=float, help=_about("momentum"))
+@click.option("--weight-decay", type=float, help=_about("weight_decay"))
+@click.option("--warmup-iters", type=click.IntRange(min=0), help=_about("warmup_iters"))
+@click.option("--lr-steps", help=_about("lr_steps", "Epochs after which the lr is divided by 10."))
+@click.option("--train-sizes", help=_about("train_sizes", "Training short sides, one drawn per image."))
+@click.option("--test-size", type=click.IntRange(min=16), help=_about("test_size"))
+@click.option("--max-size", type=click.IntRange(min=16), help=_about("max_size", "Longest side at most this."))
+@click.option("--flip", type=click.FloatRange(0, 1), help=_about("flip", "Horizontal-flip probability."))
+@click.option("--width", type=click.IntRange(min=8), help=_about("width", "FPN and head channels."))
+@click.option("--rois-per-image", type=click.IntRange(min=1), help=_about("rois_per_image"))
+@click.option("--proposals", help=_about("proposals", "RPN proposals per image after NMS: train,test."))
+@click.option("--detections-per-image", type=click.IntRange(min=1), help=_about("detections_per_image"))
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes that read and decode images.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Default: <out>.ckpt/ beside --out.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Iterations between checkpoints (0: at epoch ends only).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint, exactly where it stopped.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Results JSON; the detections go beside it (<out>.bbox.json, <out>.segm.json).")
+@user_errors
+def detection(model: str, train: str, test: str, lr_steps: str | None, train_sizes: str | None,
+              proposals: str | None, out: str, **opts: Any) -> None:
+    """Fine-tune Faster/Mask R-CNN with an FPN on the trunk (COCO 1x recipe) and score it with COCOeval."""
+    from .detection import detection_task, summary_table
+
+    record = detection_task(model, train, test, out=out, lr_steps=_int_list("--lr-steps", lr_steps),
+                            train_sizes=_int_list("--train-sizes", train_sizes),
+                            proposals=_int_list("--proposals", proposals, 2), **opts)
+    _write(record, out, lambda path: f"{summary_table(record)}\n-> {path}")
 
 
 if __name__ == "__main__":

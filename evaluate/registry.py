@@ -8,7 +8,12 @@ imported when the task first runs (``hgkd.evaluate.tasks.run_task``). Adding a t
 * ``features``: ``fn(train, train_y, test, test_y, *, seed, device, memory_mb, name, **options)``
   on frozen features (tensors or ``FeatureRows`` of the feature cache);
 * ``images``: ``fn(backbone, train, test, *, seed, batch_size, workers, **options)`` on
-  ``LabelledSet``s, streamed image by image.
+  ``LabelledSet``s, streamed image by image;
+* ``detection``: ``fn(model, train, test, *, seed, device, batch_size, workers, **options)`` on
+  COCO-format data (annotation JSON specs, their image folders among the options), streamed
+  image by image; it loads the trunk itself (``model``: a ``--model`` spec or a timm ResNet)
+  and returns the whole record (AP per iou type, no top-1). Its options may name its own
+  ``train`` / ``test`` annotations, for a pipeline whose ``eval`` data are classification sets.
 """
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ from importlib import import_module
 from typing import Any, Callable
 
 from ..registry import Registry
+from .detection_recipe import RECIPE_OPTIONS
 
-INPUTS = ("features", "images")
+INPUTS = ("features", "images", "detection")
 PROBE_OPTIONS = frozenset({"epochs", "lr", "weight_decay", "probe_batch_size"})
 
 
@@ -60,5 +66,11 @@ register_task(EvalTask("linear", PROBE_OPTIONS, "features", "hgkd.evaluate.tasks
                        "one Linear layer on standardised frozen features"))
 register_task(EvalTask("mlp", PROBE_OPTIONS | {"hidden"}, "features", "hgkd.evaluate.tasks:probe_task",
                        "the paper's Linear-ReLU-Linear head on standardised frozen features"))
-register_task(EvalTask("finetune", frozenset({"epochs", "lr", "weight_decay", "hidden", "min_scale"}), "images",
+register_task(EvalTask("finetune", frozenset({"epochs", "lr", "weight_decay", "hidden", "min_scale", "labels_per_class"}),
+                       "images",
                        "hgkd.evaluate.finetune:finetune", "backbone + MLP head trained end to end on augmented images"))
+DETECTION_OPTIONS = RECIPE_OPTIONS | {"batch_size", "train", "train_images", "test", "test_images", "out",
+                                      "checkpoint_dir", "checkpoint_every", "resume", "progress"}
+register_task(EvalTask("detection", DETECTION_OPTIONS, "detection",
+                       "hgkd.evaluate.detection:detection_task",
+                       "Faster/Mask R-CNN + FPN on the trunk, fine-tuned (COCO 1x recipe), COCOeval box/mask AP"))

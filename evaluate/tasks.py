@@ -30,13 +30,15 @@ from .models import load_student
 from .probe import MEMORY_MB, knn_eval, linear_probe
 from .registry import TASKS, get_task
 
+DEFAULT_BATCH = 64  # feature extraction and fine-tuning (batch_size None); detection takes its recipe's
+
 log = logging.getLogger(__name__)
 
 
 def run_task(task: str, model: str | nn.Module, train: str | list[str] | LabelledSet,
              test: str | list[str] | LabelledSet | None = None, *, test_fraction: float = 0.25,
              img_size: int = 224, crop_pct: float = CROP_PCT, seed: int = 0, device: str = "auto",
-             batch_size: int = 64, workers: int = 0, features_dir: str | Path | None = None,
+             batch_size: int | None = None, workers: int = 0, features_dir: str | Path | None = None,
              memory_mb: float = MEMORY_MB, **options: Any) -> dict[str, Any]:
     """Evaluate ``model`` (path, ``scratch:<arch>`` or a loaded timm backbone) on one registered task.
 
@@ -54,6 +56,10 @@ def run_task(task: str, model: str | nn.Module, train: str | list[str] | Labelle
     unknown = sorted(set(options) - spec.options)
     if unknown:
         raise HgkdError(f"{task}: unknown options {unknown}; it takes {sorted(spec.options)}")
+    if spec.inputs == "detection":  # COCO-format data and its own trunk loading; batch: the recipe's unless given
+        return spec.function()(model, train, test, seed=seed, device=device, workers=workers,
+                               batch_size=batch_size, **options)
+    batch_size = DEFAULT_BATCH if batch_size is None else batch_size
     if not isinstance(test, LabelledSet) and not test:
         test = None
     ranks = int(os.environ.get("WORLD_SIZE", "1"))

@@ -162,15 +162,15 @@ def test_all_undecodable_is_one_line(tmp_path, model):
 
 
 def test_task_registry_drives_run_task_and_the_pipeline_spec():
-    assert TASKS.names() == ["finetune", "knn", "linear", "mlp"]
-    assert {TASKS.get(n).inputs for n in TASKS.names()} == {"features", "images"}
+    assert TASKS.names() == ["detection", "finetune", "knn", "linear", "mlp"]
+    assert {TASKS.get(n).inputs for n in TASKS.names()} == {"features", "images", "detection"}
     for name in TASKS.names():
         assert callable(TASKS.get(name).function())  # every entry point resolves
     blob = {"name": "x", "out": "/tmp/x", "data": ["d.tar"], "teacher": {"name": "t", "random_init": True},
             "variants": [{"name": "a"}]}
     spec = spec_from_dict({**blob, "eval": {"tasks": ["knn", "finetune"]}})
     assert spec.eval.features_dir == str(Path("/tmp/x") / "features")
-    with pytest.raises(HgkdError, match=r"unknown eval tasks \['segment'\]; choose from \['finetune', 'knn'"):
+    with pytest.raises(HgkdError, match=r"unknown eval tasks \['segment'\]; choose from \['detection', 'finetune', 'knn'"):
         spec_from_dict({**blob, "eval": {"tasks": ["knn", "segment"]}})
     with pytest.raises(HgkdError, match=r"eval options of knn: unknown \['epochs'\]"):
         spec_from_dict({**blob, "eval": {"tasks": ["knn"], "options": {"knn": {"epochs": 3}}}})
