@@ -6,8 +6,8 @@ each (trunk, seed) is one ``hgkd-evaluate detection`` run in a fresh child proce
 ``digits`` recipe (Mask R-CNN + FPN, trained BN, 4 epochs of 256 canvases; scored by COCOeval
 on 64 val canvases from held-out scans), the child's torch threads = the machine's cores.
 Goals:
-- ``box_ap``: mean box AP over seeds, H-GKD student > scratch ResNet-18;
-- ``mask_ap``: the same for mask AP;
+- ``box_ap_hgkd_minus_scratch``: the student's box AP minus scratch's, paired by seed, mean > 0;
+- ``mask_ap_hgkd_minus_scratch``: the same for mask AP;
 - ``demo_budget``: one fine-tune + scoring (the slower trunk's mean wall time) <= 150 s, so
   that the demo's two trunks add at most 5 minutes to its 14.6 (total <= 20 on 2 idle cores).
 Training images/s are reported per run. Writes ``benchmarks/results/detection.json`` with every
@@ -55,6 +55,20 @@ def summary(rows: list[dict]) -> dict:
     return {key: stats(key) for key in ("box_ap", "mask_ap", "train_images_per_s", "wall_s")}
 
 
+def paired(rows: list[dict], key: str, seeds: list[int]) -> dict:
+    """The student's lead over scratch in ``key``, paired by seed (same canvases, same order, same
+    head initialisation): mean of the per-seed differences, their std; met when the mean is > 0."""
+    by_seed = {(r["name"], r["seed"]): r[key] for r in rows}
+    diffs = [by_seed["hgkd", s] - by_seed["scratch", s] for s in seeds]
+    mean = statistics.fmean(diffs)
+    return {"value": mean, "goal": 0.0, "met": mean > 0, "per_seed": diffs,
+            "std": statistics.stdev(diffs) if len(diffs) > 1 else None,
+            "hgkd_mean": statistics.fmean(by_seed["hgkd", s] for s in seeds),
+            "scratch_mean": statistics.fmean(by_seed["scratch", s] for s in seeds),
+            "measure": f"H-GKD student minus scratch ResNet-18, {key} (AP points), paired by seed, mean of "
+                       f"{len(seeds)} seeds; the seed moves AP by more than the lead, so it shows the sign, not its size"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", default=str(STUDENT), help="the H-GKD student (exported .safetensors or run dir)")
@@ -81,14 +95,10 @@ def main() -> None:
                    "steps of 8 canvases, 128 px; COCOeval on 64 val canvases); student = the demo's H-GKD ResNet-18",
         "student": args.student, "seeds": seeds, "runs": rows, "summary": by,
         "goals": {
-            "box_ap": {"goal": "hgkd > scratch (mean over seeds)", "hgkd": by["hgkd"]["box_ap"],
-                       "scratch": by["scratch"]["box_ap"],
-                       "met": by["hgkd"]["box_ap"]["mean"] > by["scratch"]["box_ap"]["mean"]},
-            "mask_ap": {"goal": "hgkd > scratch (mean over seeds)", "hgkd": by["hgkd"]["mask_ap"],
-                        "scratch": by["scratch"]["mask_ap"],
-                        "met": by["hgkd"]["mask_ap"]["mean"] > by["scratch"]["mask_ap"]["mean"]},
+            **{f"{key}_hgkd_minus_scratch": paired(rows, key, seeds) for key in ("box_ap", "mask_ap")},
             "demo_budget": {"goal": BUDGET_S, "value": slower, "unit": "s per trunk (fine-tune + scoring)",
-                            "met": slower <= BUDGET_S},
+                            "met": slower <= BUDGET_S, "better": "lower",
+                            "measure": "the slower trunk's mean wall seconds of one fine-tune + scoring"},
         },
     }
     print(json.dumps(result["goals"], indent=1))

@@ -3,7 +3,9 @@
 scikit-learn's handwritten digits (no download) at 64 px. No pretrained MIM weights are
 reachable here, so a mini MAE ViT is pre-trained on the training split first; then one
 cache, an H-GKD sparse ResNet-18 and the same ResNet-18 without distillation (random
-init), both evaluated by kNN, an MLP probe on frozen features and fine-tuning.
+init), both evaluated by kNN, an MLP probe on frozen features, fine-tuning with every label
+and with 10 labels per class, and Mask R-CNN detection and instance segmentation on the
+embedded digit detection set (box and mask AP).
 
 The cache holds one full-view teacher forward per image and the student draws a fresh mask
 every epoch: the views budget (README "Views budget", benchmarks/results/views_budget.json)
@@ -31,9 +33,18 @@ def demo_spec(out: Path) -> PipelineSpec:
         "distill": {"student": "resnet18", "sparse_backend": "masked", "student_mask": "fresh", "epochs": 8,
                     "warmup_epochs": 1, "batch_size": 64, "lr": 2e-3, "queue_size": 4096, "decoder_width": 128,
                     "workers": 1},
-        "eval": {"train": [train], "test": [test], "tasks": ["knn", "mlp", "finetune"], "img_size": 64,
-                 # digits are 8x8 scans: crops under 0.8 of the image lose the digit (hgkd.evaluate.finetune)
-                 "options": {"finetune": {"epochs": 10, "min_scale": 0.8}}},
+        "eval": {"train": [train], "test": [test], "img_size": 64,
+                 "tasks": ["knn", "mlp", "finetune", "finetune_10", "detection"],
+                 "options": {
+                     # digits are 8x8 scans: crops under 0.8 of the image lose the digit (hgkd.evaluate.finetune);
+                     # with every label both trunks reach the task's ceiling (97.10 each, issue 22)
+                     "finetune": {"epochs": 6, "min_scale": 0.8},
+                     # the semi-supervised protocol (10 labels per class, 100 images): where a pre-trained
+                     # trunk shows (issue 22, item 6)
+                     "finetune_10": {"task": "finetune", "labels_per_class": 10, "epochs": 40, "min_scale": 0.8},
+                     # the paper's other evaluations on the embedded detection set (issue 19)
+                     "detection": {"recipe": "digits", "train": "builtin:digit-detection-train",
+                                   "test": "builtin:digit-detection-val", "progress": False}}},
         "variants": [
             {"name": "hgkd", "description": "sparse ResNet-18 distilled with H-GKD (MSE + similarity)"},
             {"name": "scratch", "scratch": True, "description": "same ResNet-18, random init, no distillation"},

@@ -24,7 +24,7 @@ def _rank(column: str) -> tuple[int, str]:
     if column.endswith("_std"):
         kind, name = _rank(column[: -len("_std")])
         return kind, name + "~std"
-    if column.endswith(("_top1", "_top5")):
+    if column.endswith(("_top1", "_top5", "_box_ap", "_mask_ap")):
         return 0, column
     if column in COST_COLUMNS:
         return 3, f"{COST_COLUMNS.index(column)}"

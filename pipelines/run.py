@@ -306,13 +306,21 @@ def stage_eval(spec: PipelineSpec, variant: dict[str, Any], model: str,
 
     metrics: dict[str, float] = {}
     for task in spec.eval.tasks:
-        result = kept_json(spec.out_dir / "eval" / variant["name"] / f"{task}.json",
-                           lambda: evaluate_task(task, model, spec.eval, seed=int(variant.get("seed", 0))))
-        metrics[f"{task}_top1"] = float(result["top1"])
-        if "top5" in result:
-            metrics[f"{task}_top5"] = float(result["top5"])
+        path = spec.out_dir / "eval" / variant["name"] / f"{task}.json"
+        result = kept_json(path, lambda: evaluate_task(task, model, spec.eval, seed=int(variant.get("seed", 0)),
+                                                       out=path))
+        metrics.update(task_metrics(task, result))
         if bar is not None:
             bar.update(1)
+    return metrics
+
+
+def task_metrics(task: str, result: dict[str, Any]) -> dict[str, float]:
+    """A task record's table columns: top-1/top-5 (classification), box/mask AP (detection)."""
+    metrics = {f"{task}_{k}": float(result[k]) for k in ("top1", "top5") if k in result}
+    for iou, column in (("bbox", "box_ap"), ("segm", "mask_ap")):
+        if isinstance(result.get(iou), dict) and "AP" in result[iou]:
+            metrics[f"{task}_{column}"] = float(result[iou]["AP"])
     return metrics
 
 

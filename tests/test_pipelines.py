@@ -249,3 +249,29 @@ def test_a_task_can_run_twice_under_names_with_their_own_options(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "pipelines").glob("*.yaml")))
 def test_every_shipped_pipeline_file_builds_every_stage(name):
     validate_stages(load_spec(str(Path(__file__).parents[1] / "pipelines" / name)))
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+def test_a_detection_task_reads_its_own_sets_and_fills_box_and_mask_columns(tmp_path):
+    """A pipeline's detection task trains on the COCO sets named in its options (not eval.train),
+    keeps its detections beside the record, and its record becomes box/mask AP columns."""
+    from hgkd.data.digit_detection import write_digit_detection
+    from hgkd.pipelines.evaluation import evaluate_task
+    from hgkd.pipelines.run import task_metrics
+
+    sets = write_digit_detection(tmp_path / "det", n_train=4, n_val=2, canvas=64, scale=(16, 30))
+    (train, train_images), (val, val_images) = sets["train"], sets["val"]
+    tiny = {"task": "detection", "train": train, "train_images": train_images, "test": val, "test_images": val_images,
+            "epochs": 1, "batch_size": 2, "warmup_iters": 1, "lr_steps": [1], "train_sizes": [64], "test_size": 64,
+            "width": 16, "rois_per_image": 16, "proposals": [50, 20], "detections_per_image": 10,
+            "progress": False}
+    spec = budget_spec(tmp_path, eval={"train": ["unused"], "tasks": ["det"], "img_size": 32, "options": {"det": tiny}})
+    out = tmp_path / "eval" / "scratch" / "det.json"
+    out.parent.mkdir(parents=True)
+    record = evaluate_task("det", "scratch:test_resnet", spec.eval, seed=0, out=out)
+    assert (record["n_train"], record["n_test"]) == (4, 2)
+    assert Path(record["detections"]["segm"]).parent == out.parent
+    columns = task_metrics("det", record)
+    assert set(columns) == {"det_box_ap", "det_mask_ap"}
+    assert columns["det_box_ap"] == record["bbox"]["AP"] and 0.0 <= columns["det_mask_ap"] <= 100.0
+    assert task_metrics("knn", {"top1": 50.0, "top5": 90.0}) == {"knn_top1": 50.0, "knn_top5": 90.0}
