@@ -119,6 +119,9 @@ def linear(head: str, **opts: Any) -> None:
 @click.option("--hidden", type=click.IntRange(min=1), help="MLP hidden width (default: the feature width).")
 @click.option("--min-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
               help="RandomResizedCrop's smallest area fraction (0.08: ImageNet; 0.3-0.5 for small low-res sets).")
+@click.option("--labels-per-class", type=click.IntRange(min=1),
+              help="Train on this many labelled images per class only, drawn with --seed (the semi-supervised "
+                   "protocol); default: every label.")
 @user_errors
 def finetune(**opts: Any) -> None:
     """Fine-tune backbone + MLP head end to end on augmented images (AdamW, cosine)."""

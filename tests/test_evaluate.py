@@ -333,6 +333,15 @@ def test_cli_writes_results(crops_tars, tmp_path, command, task):
     assert result.output.count("\n") == 1 and result.output.startswith(f"{task} scratch:resnet18: top-1")
 
 
+def test_cli_finetunes_on_a_few_labels_per_class(crops_tars, tmp_path):
+    out = tmp_path / "few.json"
+    result = CliRunner().invoke(evaluate_cli, ["finetune", "--epochs", "1", "--labels-per-class", "3", *COMMON,
+                                               "--train", crops_tars, "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert (record["labels_per_class"], record["n_labelled"], record["n_test"]) == (3, 3 * len(PHOTOS), 48)
+
+
 def test_cli_separate_test_set(crops_tars, tmp_path):
     test_tar = write_tar(tmp_path / "test.tar", [{"__key__": k, "jpg": _jpeg(img), "cls": str(y)}
                                                   for k, img, y in photo_crops(4, seed=7)])
