@@ -25,6 +25,7 @@ import shutil
 import statistics
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -66,6 +67,13 @@ def judge(claim: dict, rows: list[dict], runs: list[dict], seeds: list[int]) -> 
             "teacher_fwd_ratio": cost, "max_cost": claim["max_cost"],
             "measure": f"{claim['candidate']} / {claim['reference']} {metric}, paired by seed; met: 95% CI low >= "
                        f"{claim['min_ratio']} and teacher forwards <= {claim['max_cost']} of the reference's"}
+
+
+def not_run(claim: dict, globs: list[str]) -> dict:
+    """A claim whose variants were left out of this run (``--variants``): written, not measured."""
+    return {"value": None, "goal": claim["min_ratio"], "met": False, "max_cost": claim["max_cost"],
+            "not_run": f"{claim['candidate']} / {claim['reference']} not run (--variants {' '.join(globs)})",
+            "measure": f"{claim['candidate']} / {claim['reference']} {claim['metric']}, paired by seed"}
 
 
 def cache_sizes(out_dir: Path) -> dict[str, dict]:
@@ -113,8 +121,15 @@ def run_or_collect(description: str, pipeline: str) -> tuple[argparse.Namespace,
     ap.add_argument("--pipeline", default=pipeline)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--no-run", action="store_true", help="only collect the results of a finished run")
+    ap.add_argument("--variants", action="append", default=[], metavar="GLOB",
+                    help="run only the variants whose name matches (repeatable; default: all); a claim whose "
+                         "variants did not run is written as not measured")
     args = ap.parse_args()
     spec = load_spec(args.pipeline, args.overrides)
+    if args.variants:
+        spec.variants = [v for v in spec.variants if any(fnmatch(v["name"], glob) for glob in args.variants)]
+        if not spec.variants:
+            sys.exit(f"--variants {args.variants}: no variant of {args.pipeline} matches")
     start = time.perf_counter()
     if args.no_run:
         resolve_builtin(spec)
@@ -133,11 +148,12 @@ def main() -> None:
         row["per_seed"] = {r["run"]: {k: r.get(k) for k in ("knn_top1", "mlp_top1", "fidelity_cos")}
                            for r in runs if r["variant"] == row["variant"]}
     seeds = {v["name"]: v.get("seeds") or [v.get("seed", 0)] for v in spec.variants}
-    claims = {c["name"]: judge(c, rows, runs, seeds[c["candidate"]]) for c in spec.claims}
+    claims = {c["name"]: judge(c, rows, runs, seeds[c["candidate"]]) if {c["candidate"], c["reference"]} <= set(seeds)
+              else not_run(c, args.variants) for c in spec.claims}
     sweep = json.loads((out_dir / SWEEP_COST_FILE).read_text())
     result = {
         "where": where(), "pipeline": args.pipeline, "overrides": args.overrides,
-        "wall_seconds": wall, "collected_only": args.no_run,
+        "wall_seconds": wall, "collected_only": args.no_run, "variants_run": sorted(seeds),
         "claims_named_before_the_run": spec.claims, "limits": LIMITS,
         "train_images": train_images(out_dir),
         "rows": rows, "caches": cache_sizes(out_dir), "sweep_cost": sweep,
@@ -149,6 +165,9 @@ def main() -> None:
     if (out_dir / "frontier.png").exists():
         shutil.copyfile(out_dir / "frontier.png", HERE / "results" / "views_budget.png")
     for name, goal in claims.items():
+        if goal["value"] is None:
+            print(f"{name}: {goal['not_run']} -> NOT measured")
+            continue
         print(f"{name}: {goal['measure']}: {goal['value']:.4f} (95% CI {goal['ci95'][0]:.4f}-{goal['ci95'][1]:.4f}), "
               f"{100 * goal['teacher_fwd_ratio']:.1f}% of the forwards -> {'met' if goal['met'] else 'NOT met'}")
     print(f"sweep: P7 = {sweep['p7']}; wrote {out}")
