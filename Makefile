@@ -14,7 +14,7 @@ install: $(STAMP)
 
 # Main job on the embedded default (scikit-learn's digits, shipped in the package): a mini
 # MAE teacher pre-trained on them -> cache -> H-GKD sparse ResNet-18 and a no-distillation
-# ResNet-18 -> kNN / MLP probe / fine-tune -> table + plot in demo-out/.
+# ResNet-18 -> kNN / MLP probe / fine-tune (all labels, 10 per class) / Mask R-CNN -> table + plot in demo-out/.
 demo: $(STAMP)
 	$(VENV)/bin/hgkd-pipeline demo --out demo-out
 

@@ -9,7 +9,7 @@ Goals:
 - ``box_ap_hgkd_minus_scratch``: the student's box AP minus scratch's, paired by seed, mean > 0;
 - ``mask_ap_hgkd_minus_scratch``: the same for mask AP;
 - ``demo_budget``: one fine-tune + scoring (the slower trunk's mean wall time) <= 150 s, so
-  that the demo's two trunks add at most 5 minutes to its 14.6 (total <= 20 on 2 idle cores).
+  that the demo's two trunks add at most 5 minutes to it (the demo stays <= 20 on 2 idle cores).
 Training images/s are reported per run. Writes ``benchmarks/results/detection.json`` with every
 goal in ``goals`` (``--quick``: 1 epoch, one seed, writes nothing).
 """

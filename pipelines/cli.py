@@ -39,7 +39,7 @@ def run(pipeline_file: str, overrides: tuple[str, ...]) -> None:
 @click.option("--out", default="demo-out", show_default=True)
 @user_errors
 def demo(out: str) -> None:
-    """The whole loop on scikit-learn's digits (measured: 14.6 minutes on an idle 2-core CPU machine)."""
+    """The whole loop on scikit-learn's digits (measured: 8.9 minutes on an idle 2-core CPU machine)."""
     from .demo import demo_spec
     from .run import run_pipeline
 
