@@ -61,7 +61,7 @@ def judge(claim: dict, rows: list[dict], runs: list[dict], seeds: list[int]) -> 
     row = {r["variant"]: r for r in rows}
     cost = row[claim["candidate"]]["teacher_fwd"] / row[claim["reference"]]["teacher_fwd"]
     low = mean - half
-    return {"value": mean, "goal": claim["min_ratio"], "met": bool(low >= claim["min_ratio"] and cost <= claim["max_cost"]),
+    return {"value": mean, "goal": claim["min_ratio"], "better": "higher", "met": bool(low >= claim["min_ratio"] and cost <= claim["max_cost"]),
             "ci95": [low, mean + half], "sd": sd, "seeds": seeds, "per_seed_ratio": ratios,
             "per_seed": [{"seed": s, "candidate": c, "reference": r} for s, (c, r) in zip(seeds, pairs)],
             "teacher_fwd_ratio": cost, "max_cost": claim["max_cost"],
