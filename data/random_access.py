@@ -4,19 +4,25 @@ Tar shards' member offsets come from the persistent sample index (``sample_index
 once, reused while each tar's stamp matches); folders are listed. ``read(index)`` then
 fetches one image's bytes: ``os.pread`` for a local tar, a ranged fsspec read for a URL.
 A tar that changes after the index was taken is refused on its first read in each process,
-never read at stale offsets.
+never read at stale offsets; a local tar is re-checked after every read, so one rewritten in
+place mid-run (same size) is refused too (issue 21). A remote member that comes back short is
+read again (``remote.RangeReader``); an image the cache holds as decoded that no longer decodes
+is one line saying the tar changed (:meth:`RandomAccessSource.decode_cached`), never a traceback.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
 
 from ..errors import HgkdError
 from ..remote import RangeReader, is_url, stamp
 from .sample_index import index_tars, list_folder
 from .sources import DataSource, check_counted, folder_labels, open_source, text_key
+from .views import decode_image
 
 
 class RandomAccessSource:
@@ -73,6 +79,7 @@ class RandomAccessSource:
             if fd is None:
                 fd = self._handles[tar] = self._open_local(tar)
             data = os.pread(fd, size, offset)
+            self._check_local(tar, fd)  # after the read: a rewrite before it finished is seen
         if len(data) != size:
             raise HgkdError(f"--data {url}: sample {index} is cut short ({len(data)} of {size} bytes); "
                             f"the tar changed or is truncated - restart to index it again")
@@ -98,13 +105,44 @@ class RandomAccessSource:
                 out[pos] = data
         return out
 
+    def decode_cached(self, index: int, data: bytes, decode: Callable[[bytes], torch.Tensor] = decode_image
+                      ) -> torch.Tensor:
+        """Decode sample ``index``'s image, one the teacher decoded when the cache was made; when
+        it no longer decodes, one line saying its tar changed (since this run indexed it, or
+        in place since extraction) instead of the decoder's traceback (issue 21)."""
+        try:
+            return decode(data)
+        except Exception as err:
+            raise self._undecodable(index, err) from None
+
+    def _undecodable(self, index: int, err: Exception) -> HgkdError:
+        tar = int(self._tar[index])
+        url = self._urls[tar]
+        if self._stamps is not None:
+            try:
+                now = stamp(url)
+            except (HgkdError, OSError):
+                now = None
+            if now != list(self._stamps[tar]):
+                return self._changed(tar)
+        return HgkdError(f"--data {url}: sample {index} ({self.keys[index]}) no longer decodes as an image "
+                         f"({type(err).__name__}: {err}), although the teacher decoded it when the cache was made: "
+                         f"the file changed in place since extraction - restore the data the cache was made from, "
+                         f"or re-extract the cache from this data (then re-index: start the run again)")
+
     def _open_local(self, tar: int) -> int:
         fd = os.open(self._urls[tar], os.O_RDONLY)
+        try:
+            self._check_local(tar, fd)
+        except HgkdError:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_local(self, tar: int, fd: int) -> None:
         st = os.fstat(fd)
         if [st.st_size, st.st_mtime_ns, st.st_ino] != list(self._stamps[tar]):
-            os.close(fd)
             raise self._changed(tar)
-        return fd
 
     def _check_remote(self, tar: int) -> None:
         if tar not in self._checked:
@@ -114,7 +152,8 @@ class RandomAccessSource:
 
     def _changed(self, tar: int) -> HgkdError:
         return HgkdError(f"--data {self._urls[tar]} changed since this run indexed it (size or modification "
-                         f"time differ); its sample offsets are stale - restart to index it again")
+                         f"time differ); its sample offsets are stale - restart to index it again (and re-extract "
+                         f"the cache if its images changed)")
 
     def __getstate__(self) -> dict:  # file handles stay per worker process
         return {**self.__dict__, "_handles": {}, "_checked": set()}

@@ -41,7 +41,7 @@ import numpy as np
 from webdataset.tariterators import group_by_keys, meta_prefix, meta_suffix
 
 from ..errors import HgkdError
-from ..remote import is_url, remote_errors, url_fs
+from ..remote import is_url, remote_errors, retry_sync, url_fs
 from .sources import IMAGE_EXTS, LABEL_EXTS, parse_label, text_key, walk_images
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,19 @@ def scan_tar(url: str, stamp: list) -> TarIndex:
         yield {}
 
     offsets, sizes, labels, keys = [], [], [], []
-    try:
+
+    def scan() -> None:  # again from the start after a transient remote fault (issue 21)
+        for values in (offsets, sizes, labels, keys):
+            values.clear()
         for sample in group_by_keys(members()):
             image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
             offsets.append(image[0] if image is not None else -1)
             sizes.append(image[1] if image is not None else 0)
             keys.append(text_key(sample["__key__"]))
             labels.append(parse_label(next((sample[ext] for ext in LABEL_EXTS if ext in sample), None)))
+
+    try:
+        retry_sync(scan, url) if is_url(url) else scan()
     except (tarfile.TarError, EOFError, ValueError) as err:
         raise HgkdError(f"--data {url}: cannot read this tar shard ({type(err).__name__}: {err}); "
                         f"is it a complete tar file?") from None

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import HgkdError
+from ..remote import take_retries
 from ..data.random_access import RandomAccessSource, open_indexed, open_random_access
 from ..data.sources import same_data
 from ..data.decoders import DEVICE_DECODERS, PendingViews
@@ -50,6 +51,7 @@ class Batch:
     pending: PendingViews | None = None  # views a device decoder renders in ready()
     token_arrays: dict[str, torch.Tensor] | None = None  # stored (encoded) tokens, decoded in ready()
     codec: CodecSpec | None = None  # how token_arrays are encoded
+    remote_retries: int = 0  # remote read retries in the process that made this batch since its last one (issue 21)
 
     def to(self, device: torch.device) -> "Batch":
         moved = {f: getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__
@@ -192,7 +194,8 @@ class CacheViewDataset(Dataset):
                                                  torch.from_numpy(flip_b), cfg.img_size, cfg.interpolation)
         else:
             pending = None
-            images = torch.stack([render_crop(decode_image(data), tuple(int(v) for v in crop_b4[i]), bool(flip_b[i]),
+            images = torch.stack([render_crop(self.source.decode_cached(int(raw["index"][i]), data),
+                                              tuple(int(v) for v in crop_b4[i]), bool(flip_b[i]),
                                               cfg.img_size, cfg.interpolation) for i, data in enumerate(blobs)])
         mask = raw["mask"].reshape(-1, *self.grid)
         if self.student_mask == "fresh":
@@ -206,6 +209,7 @@ class CacheViewDataset(Dataset):
             pending=pending,
             token_arrays=token_tensors(raw, cache.codec),
             codec=cache.codec,
+            remote_retries=take_retries(),
         )
 
 
@@ -264,7 +268,8 @@ class OnlineViewDataset(Dataset):
         if self.student_mask == "fresh":
             masks = fresh_masks(self.view_cfg, self.mask_seed, [self.source.keys[s] for s in samples], batch_epoch(rows))
         return Batch(rows=torch.tensor(kept), images=torch.stack(images), visible=torch.from_numpy(~np.stack(masks)),
-                     labels=torch.from_numpy(self.labels[samples.numpy()]), indices=samples)
+                     labels=torch.from_numpy(self.labels[samples.numpy()]), indices=samples,
+                     remote_retries=take_retries())
 
 
 class ChunkAwareBatchSampler(Sampler[list[int]]):

@@ -21,6 +21,9 @@ drops the per-call path:
 
 Only rows of shards with a completion record are served; a corrupt chunk, a missing file or
 a missing chunk raises :class:`HgkdError` naming the array and shard, never returns zeros.
+Bytes from a remote store that fail their check (crc32c, or fewer bytes than asked) are read
+again within the retry bound (``hgkd.remote.reread``, issue 21) before they are called damage;
+they are never decoded into a batch.
 A cache at an fsspec URL (``s3://``, ``http://``, ``memory://``) is read the same way with
 ranged requests (``storage.files.FsspecFiles``: one ``cat_ranges`` call per batch) instead
 of ``os.pread``; arrays whose codecs are not all synchronous are read through zarr-python
@@ -32,7 +35,7 @@ import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -44,11 +47,17 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.codec_pipeline import codecs_from_list
 
 from ..errors import HgkdError
+from ..remote import Reread, reread
 from .cache import FeatureCache
 from .codecs import decode_tokens
 from .files import FsspecFiles, LocalFiles
 
 _MISSING = np.iinfo(np.uint64).max  # Zarr's index entry of a chunk that was never written
+T = TypeVar("T")
+
+
+class _ShortChunk(ValueError):
+    """Fewer bytes than the shard index (or the file's size) says."""
 
 
 class _CodecChain:
@@ -120,6 +129,25 @@ class _ArrayReader:
         return HgkdError(f"{self.where(shard)} is corrupt: {what} does not decode ({type(err).__name__}: {err}); "
                          f"run 'hgkd-extract verify' and re-extract that shard")
 
+    def checked(self, shard: int, what: str, raw: bytes, read: Callable[[], bytes],
+                decode: Callable[[bytes], T]) -> T:
+        """``decode(raw)``; when it fails on a remote store's bytes (crc32c, short), ``read()`` and
+        decode again within the retry bound before calling it damage (issue 21); local bytes
+        are judged at once."""
+        first = [raw]
+
+        def attempt() -> T:
+            data = first.pop() if first else read()
+            try:
+                return decode(data)
+            except Exception as err:
+                error = self.corrupt(shard, what, err)
+                if not self.files.remote:
+                    raise error from err
+                raise Reread("short_read" if isinstance(err, _ShortChunk) else "crc", error) from err
+
+        return reread(attempt)
+
     def empty(self, n: int) -> np.ndarray:
         return np.empty((n, *self.row_shape), dtype=self.dtype)
 
@@ -174,11 +202,15 @@ class _ShardedRows(_ArrayReader):
         if size < self.index_size:
             short = ValueError(f"file has {size} bytes, the index alone needs {self.index_size}")
             raise self.corrupt(shard, "the shard index", short)
-        raw = self.files.pread(fd, self.index_size, size - self.index_size if self.index_at_end else 0)
-        try:
-            index = self.index_chain.decode(raw).reshape(self.shard_views, 2)
-        except Exception as err:
-            raise self.corrupt(shard, "the shard index", err) from err
+        at = size - self.index_size if self.index_at_end else 0
+
+        def decode(raw: bytes) -> np.ndarray:
+            if len(raw) != self.index_size:
+                raise _ShortChunk(f"read {len(raw)} of {self.index_size} bytes")
+            return self.index_chain.decode(raw).reshape(self.shard_views, 2)
+
+        read = lambda: self.files.pread(fd, self.index_size, at)  # noqa: E731
+        index = self.checked(shard, "the shard index", read(), read, decode)
         offset, nbytes = index[:, 0], index[:, 1]
         present = (offset != _MISSING) | (nbytes != _MISSING)
         if ((offset > size) | (nbytes > size - np.minimum(offset, size)))[present].any():
@@ -226,13 +258,15 @@ class _ShardedRows(_ArrayReader):
             self.decode_row(out, job, os.pread(fd, nbytes, offset))
 
     def decode_row(self, out: np.ndarray, job: tuple[int, int, int, Any, int, int], raw: bytes) -> None:
-        row, shard, pos, _, _, nbytes = job
-        try:
-            if len(raw) != nbytes:
-                raise ValueError(f"read {len(raw)} of {nbytes} bytes (truncated file)")
-            out[pos] = self.inner.decode(raw).reshape(self.row_shape)
-        except Exception as err:
-            raise self.corrupt(shard, f"the chunk of row {row}", err) from err
+        row, shard, pos, fd, offset, nbytes = job
+
+        def decode(data: bytes) -> np.ndarray:
+            if len(data) != nbytes:
+                raise _ShortChunk(f"read {len(data)} of {nbytes} bytes (truncated file)")
+            return self.inner.decode(data).reshape(self.row_shape)
+
+        out[pos] = self.checked(shard, f"the chunk of row {row}", raw, lambda: self.files.pread(fd, nbytes, offset),
+                                decode)
 
 
 class _ChunkedRows(_ArrayReader):
@@ -250,13 +284,17 @@ class _ChunkedRows(_ArrayReader):
     def load(self, shard: int) -> np.ndarray:
         fd = self.open(shard)
         try:
-            raw = self.files.pread(fd, self.files.size(fd), 0)
+            size = self.files.size(fd)
+            read = lambda: self.files.pread(fd, size, 0)  # noqa: E731
+
+            def decode(raw: bytes) -> np.ndarray:
+                if len(raw) != size:
+                    raise _ShortChunk(f"read {len(raw)} of {size} bytes")
+                return self.chain.decode(raw)
+
+            return self.checked(shard, "its chunk", read(), read, decode)
         finally:
             self.files.close(fd)
-        try:
-            return self.chain.decode(raw)
-        except Exception as err:
-            raise self.corrupt(shard, "its chunk", err) from err
 
     def read(self, rows: np.ndarray, pool: ThreadPoolExecutor | None, threads: int) -> np.ndarray:
         shards = rows // self.shard_views
