@@ -1,7 +1,10 @@
 """``hgkd-extract repair``: make a damaged cache resumable, so the next run re-extracts only what was lost.
 
-Lost array metadata (a deleted ``zarr.json``) is re-created from the cache's settings; its
-chunk files are kept and checked like any other. Then every shard that ``verify`` finds
+Lost or damaged array metadata (a deleted, torn or undecodable ``zarr.json``, issue 21), and
+that of the ``shards`` group, is re-created from the cache's settings; chunk files are kept and
+checked like any other. A damaged completion record is a deleted one: its shard is cleared.
+The root ``zarr.json`` holds the settings themselves: when it is damaged, opening the cache says
+it must be extracted again. Then every shard that ``verify`` finds
 damaged, and every unfinished shard that left files behind (``run`` would remove those too),
 loses its completion record first and then its array files, under the same shard lock
 writers hold. The cache is marked incomplete;
@@ -23,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RepairReport:
-    restored_arrays: list[str] = field(default_factory=list)  # metadata re-created
+    restored_arrays: list[str] = field(default_factory=list)  # metadata re-created (arrays, the shards group)
     cleared: list[int] = field(default_factory=list)  # shards to extract again
     busy: list[int] = field(default_factory=list)  # locked by a live writer: left alone
 
@@ -37,7 +40,7 @@ def repair_cache(url: str) -> RepairReport:
     cache = FeatureCache.open(url, mode="r+", require_arrays=False)
     if cache.local_dir is None:
         raise HgkdError(f"{url}: repair needs a cache on the local file system (shard locks); copy it locally")
-    report = RepairReport(restored_arrays=cache.restore_missing_arrays())
+    report = RepairReport(restored_arrays=cache.restore_metadata())
     found = verify_cache(cache)
     done = cache.completed_shards()
     leftovers = {s for s in range(cache.num_shards) if s not in done

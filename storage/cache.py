@@ -13,11 +13,18 @@ sample: the arrays are resized (no existing file changes) and the block starts a
 shard boundary, so every shard belongs to one block and new shards are new files. When the
 last old shard was partial, the rows between its end and the new block are padding: never
 written, status 0 (``STATUS_MISSING``), outside every block.
+
+Damaged metadata (issue 21): a ``zarr.json`` that is not valid UTF-8 JSON, or does not describe
+what the cache's settings say, is treated as a missing one. The root's is one line saying the
+cache must be extracted again (nothing else holds its settings); an array's or the ``shards``
+group's is one line pointing at ``hgkd-extract repair``, which re-creates it; a shard's
+completion record is read as absent (the shard is unfinished and extracted again).
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
@@ -26,6 +33,7 @@ import torch
 import zarr
 import zarr.storage
 from zarr.codecs import Crc32cCodec, ShardingCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ..errors import HgkdError
@@ -38,6 +46,36 @@ log = logging.getLogger(__name__)
 ATTR = "hgkd"
 SHARDS_GROUP = "shards"
 STATUS_MISSING, STATUS_OK, STATUS_SKIPPED = 0, 1, 2
+# What reading a damaged zarr.json raises: JSONDecodeError and UnicodeDecodeError are ValueErrors, and
+# zarr's own parsing raises ValueError (bad node type, data type, codec), KeyError or TypeError (a key gone).
+METADATA_ERRORS = (ValueError, KeyError, TypeError)
+RECORD_READS = 32  # completion records read at once (over HTTP, each is a request)
+
+
+def damage_reason(err: BaseException) -> str:
+    """``JSONDecodeError: Expecting ',' delimiter: line 3 column 5``: what is wrong, in one short line."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text[:100]}" if text else type(err).__name__
+
+
+def root_damaged(url: str, reason: str) -> str:
+    """The line for a cache whose root metadata cannot be read (issue 21)."""
+    return (f"{url.rstrip('/')}/zarr.json: the cache's own metadata is damaged ({reason}); nothing else holds its "
+            f"settings, so it cannot be repaired: delete {url} and re-run the 'hgkd-extract run' command that made it")
+
+
+def _open_root(url: str, mode: str, storage_options: dict | None) -> zarr.Group | None:
+    """The cache's root group, None when ``url`` holds no Zarr group; one line for a damaged
+    ``zarr.json`` or a store that does not answer."""
+    try:
+        return zarr.open_group(url, mode=mode, storage_options=storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+    except remote_errors() as err:  # a URL whose store does not answer
+        raise HgkdError(f"{url}: cannot reach the cache ({type(err).__name__}: {err}); check the URL and "
+                        f"the network") from None
+    except METADATA_ERRORS as err:
+        raise HgkdError(root_damaged(url, damage_reason(err))) from None
 
 
 @dataclass(frozen=True)
@@ -136,8 +174,8 @@ def _create_array(root: zarr.Group, meta: CacheMeta, name: str, overwrite: bool)
 class FeatureCache:
     """A teacher-token cache opened by local path or fsspec URL.
 
-    Opening refuses a cache whose array metadata is gone (one line naming the array), unless
-    ``require_arrays=False`` (``hgkd-extract repair``, which re-creates it).
+    Opening refuses a cache whose array (or ``shards`` group) metadata is gone or damaged (one
+    line naming it), unless ``require_arrays=False`` (``hgkd-extract repair``, which re-creates it).
     """
 
     def __init__(self, group: zarr.Group, url: str, require_arrays: bool = True) -> None:
@@ -146,14 +184,17 @@ class FeatureCache:
         blob = group.attrs.get(ATTR)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise HgkdError(f"{url} is a Zarr group but not an hgkd cache (no '{ATTR}' metadata)")
-        self.meta = CacheMeta.from_json(blob)
-        self.codec = CodecSpec(self.meta.storage["codec"], self.meta.storage["compressor"], self.meta.storage["clevel"])
-        self.arrays = view_arrays(self.meta)
-        missing = self.missing_arrays()
-        if missing and require_arrays:
-            raise HgkdError(f"{url}: array '{missing[0]}' is missing (its zarr.json is gone"
-                            f"{f'; also {missing[1:]}' if missing[1:] else ''}); the cache is damaged: "
-                            f"run 'hgkd-extract repair {url}'")
+        try:
+            self.meta = CacheMeta.from_json(blob)
+            st = self.meta.storage
+            self.codec = CodecSpec(st["codec"], st["compressor"], st["clevel"])
+            self.arrays = view_arrays(self.meta)
+            self.blocks  # noqa: B018 - parsed here, so that a damaged growth record is caught on open
+        except (*METADATA_ERRORS, HgkdError) as err:  # parsed as JSON, but not the settings of a cache
+            raise HgkdError(root_damaged(url, damage_reason(err))) from None
+        problems = self.metadata_problems()
+        if problems and require_arrays:
+            raise HgkdError(self._damage_line(problems))
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -171,40 +212,67 @@ class FeatureCache:
     @classmethod
     def open(cls, url: str, mode: str = "r", storage_options: dict | None = None,
              require_arrays: bool = True) -> "FeatureCache":
-        """Open an existing cache; clear error if ``url`` holds none or lost an array's metadata."""
-        try:
-            group = zarr.open_group(url, mode=mode, storage_options=storage_options)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
-            raise HgkdError(f"{url}: no hgkd cache there ({type(err).__name__}); run 'hgkd-extract run' first") from None
-        except remote_errors() as err:  # a URL whose store does not answer
-            raise HgkdError(f"{url}: cannot reach the cache ({type(err).__name__}: {err}); check the URL and "
-                            f"the network") from None
+        """Open an existing cache; one line if ``url`` holds none, or its metadata is gone or damaged."""
+        group = _open_root(url, mode, storage_options)
+        if group is None:
+            raise HgkdError(f"{url}: no hgkd cache there; run 'hgkd-extract run' first")
         return cls(group, url, require_arrays)
 
     @staticmethod
     def exists(url: str, storage_options: dict | None = None) -> bool:
+        """Whether ``url`` holds a cache; a damaged root ``zarr.json`` is one line, not a missing cache."""
+        group = _open_root(url, "r", storage_options)
+        return group is not None and ATTR in group.attrs
+
+    # ---- metadata of the arrays and the shards group (issue 21) ---------------------------
+    def metadata_problems(self) -> dict[str, str]:
+        """Node -> ``"missing"``, or what is wrong with it, for every array and the ``shards`` group whose
+        ``zarr.json`` is gone, unreadable, or at odds with the cache's settings (chunk files are not read)."""
+        problems = {name: self._node_problem(name) for name in [*self.arrays, SHARDS_GROUP]}
+        return {name: problem for name, problem in problems.items() if problem}
+
+    def _node_problem(self, name: str) -> str | None:
         try:
-            group = zarr.open_group(url, mode="r", storage_options=storage_options)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            return False
-        except remote_errors() as err:
-            raise HgkdError(f"{url}: cannot reach the cache ({type(err).__name__}: {err}); check the URL and "
-                            f"the network") from None
-        return ATTR in group.attrs
+            node = self.group[name]
+        except KeyError:  # no zarr.json, or one whose keys were damaged
+            if not sync(self.group.store.exists(f"{name}/zarr.json")):
+                return "missing"
+            return "not Zarr metadata"
+        except METADATA_ERRORS as err:
+            return damage_reason(err)
+        if name == SHARDS_GROUP:
+            return None if isinstance(node, zarr.Group) else "not a group"
+        if not isinstance(node, zarr.Array):
+            return "not an array"
+        row_shape, outer = self.arrays[name].row_shape, (self.shard_views, *self.arrays[name].row_shape)
+        # rows: at least the cache's (a growth step killed after resizing leaves more, issue 12)
+        files = tuple(node.shards or node.chunks)
+        if tuple(node.shape[1:]) != row_shape or node.shape[0] < self.num_views or files != outer:
+            return (f"shape {tuple(node.shape)} in files of {files}, the cache's "
+                    f"settings say {(self.num_views, *row_shape)} in files of {outer}")
+        return None
 
-    def missing_arrays(self) -> list[str]:
-        """Arrays whose ``zarr.json`` is gone (their chunk files may still be there)."""
-        with warnings.catch_warnings():  # an array folder without zarr.json: "not recognized"
-            warnings.filterwarnings("ignore", "Object at .* is not recognized", category=UserWarning)
-            present = set(self.group.array_keys())
-        return [name for name in self.arrays if name not in present]
+    def _damage_line(self, problems: dict[str, str]) -> str:
+        name, problem = next(iter(problems.items()))
+        what = f"array '{name}'" if name in self.arrays else f"the shard records' group '{name}'"
+        state = "is missing (its zarr.json is gone" if problem == "missing" else \
+            f"has damaged metadata ({name}/zarr.json: {problem}"
+        others = list(problems)[1:]
+        return (f"{self.url}: {what} {state}{f'; also {others}' if others else ''}); the cache is damaged: "
+                f"run 'hgkd-extract repair {self.url}'")
 
-    def restore_missing_arrays(self) -> list[str]:
-        """Re-create lost array metadata from the cache's settings; chunk files on storage are kept."""
-        missing = self.missing_arrays()
-        for name in missing:
-            _create_array(self.group, self.meta, name, overwrite=False)
-        return missing
+    def restore_metadata(self) -> list[str]:
+        """Re-create the lost or damaged metadata of arrays and the ``shards`` group from the cache's
+        settings; chunk files and completion records on storage are kept."""
+        problems = self.metadata_problems()
+        for name, problem in problems.items():
+            if problem != "missing":
+                sync(self.group.store.delete(f"{name}/zarr.json"))
+            if name == SHARDS_GROUP:
+                self.group.create_group(SHARDS_GROUP, overwrite=False)
+            else:
+                _create_array(self.group, self.meta, name, overwrite=False)
+        return list(problems)
 
     def unchecked_arrays(self) -> list[str]:
         """Arrays stored without a crc32c checksum (``key`` in caches made before issue 11)."""
@@ -252,15 +320,47 @@ class FeatureCache:
 
     # ---- completion records -------------------------------------------------------------
     def completed_shards(self) -> set[int]:
-        with warnings.catch_warnings():  # a writer killed mid-record leaves an empty folder: not complete
-            warnings.filterwarnings("ignore", "Object at .* is not recognized", category=UserWarning)
-            return {int(name) for name in self.group[SHARDS_GROUP].group_keys()}
+        """Shards with a readable completion record. A writer killed mid-record leaves an empty
+        folder, or a torn ``zarr.json``: either way, not complete."""
+        names = [name.rstrip("/") for name in self._list(SHARDS_GROUP) if name.rstrip("/").isdigit()]  # HTTP: "000001/"
+        records = sync(self._read_records([f"{SHARDS_GROUP}/{name}/zarr.json" for name in names]))
+        return {int(name) for name, record in zip(names, records) if isinstance(record, dict)}
 
     def shard_record(self, shard: int) -> dict[str, Any] | None:
-        try:
-            return dict(self.group[f"{SHARDS_GROUP}/{shard:06d}"].attrs)
-        except KeyError:
-            return None
+        """The shard's completion record; None when it has none or it is damaged (read as none)."""
+        record = self.record_state(shard)
+        return record if isinstance(record, dict) else None
+
+    def record_state(self, shard: int) -> dict[str, Any] | str | None:
+        """The completion record of ``shard``, None when there is none, or why it cannot be read."""
+        return sync(self._read_records([f"{SHARDS_GROUP}/{shard:06d}/zarr.json"]))[0]
+
+    def _list(self, prefix: str) -> list[str]:
+        async def names() -> list[str]:
+            return [name async for name in self.group.store.list_dir(prefix)]
+
+        return sync(names())
+
+    async def _read_records(self, keys: list[str]) -> list[dict[str, Any] | str | None]:
+        """Each record's attributes, None (no file) or the reason it is damaged, ``RECORD_READS`` at a time."""
+        limit = asyncio.Semaphore(RECORD_READS)
+        prototype = default_buffer_prototype()
+
+        async def read(key: str) -> dict[str, Any] | str | None:
+            async with limit:
+                raw = await self.group.store.get(key, prototype=prototype)
+            if raw is None:
+                return None
+            try:
+                doc = json.loads(raw.to_bytes().decode("utf-8"))
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                return damage_reason(err)
+            if not isinstance(doc, dict) or doc.get("node_type") != "group" \
+                    or not isinstance(doc.get("attributes"), dict):
+                return "not a group's metadata"
+            return doc["attributes"]
+
+        return list(await asyncio.gather(*(read(key) for key in keys)))
 
     def shard_file_key(self, name: str, shard: int) -> str:
         """Store key of array ``name``'s file for cache shard ``shard`` (one file per array and shard)."""

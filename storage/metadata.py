@@ -20,6 +20,8 @@ FORMAT_VERSION = 1
 DEFAULT_SHARD_VIEWS = 256
 # Settings that growing a cache changes (issue 12); every other setting must stay equal.
 GROWTH_KEYS = (("view", "views_per_image"), ("storage", "num_views"))
+# What every cache's ``storage`` section holds (its layout: a damaged file lacking one is refused, issue 21).
+STORAGE_KEYS = ("codec", "compressor", "clevel", "shard_views", "num_views", "num_tokens", "dim")
 # Why a sample was skipped (the ``reason`` of a ``skipped`` entry, issue 10).
 SKIP_NO_IMAGE, SKIP_UNDECODABLE = "no image member", "undecodable image bytes"
 # What makes two teachers' tokens the same targets (issue 11): the weights and the token grid.
@@ -92,5 +94,14 @@ class CacheMeta:
 
     @classmethod
     def from_json(cls, blob: dict[str, Any]) -> "CacheMeta":
+        """The metadata stored by :meth:`to_json`; ValueError naming what is wrong when a damaged
+        file parsed as JSON but is not that (issue 21)."""
         fields = {k: v for k, v in blob.items() if k not in ("format", "format_version")}
+        sections = ("teacher", "view", "dataset", "storage")
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown or not all(isinstance(fields.get(name), dict) for name in sections):
+            raise ValueError(f"unknown keys {unknown}" if unknown else f"a section of {list(sections)} is missing")
+        missing = sorted(set(STORAGE_KEYS) - set(fields["storage"]))
+        if missing:
+            raise ValueError(f"storage lacks {missing}")
         return cls(**fields)

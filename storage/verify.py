@@ -8,6 +8,7 @@ ok/skipped for every row, counts equal the record). Padding rows between growth 
 outside every shard's rows and are not checked. Complete shards with a problem are listed in
 ``damaged``: ``hgkd-extract repair`` clears them for re-extraction (``extract/repair.py``).
 Caches made before issue 11 store ``key`` without crc32c; ``unchecked`` names such arrays.
+A damaged completion record (issue 21) is a damaged shard: repair clears it, the next run rewrites it.
 """
 from __future__ import annotations
 
@@ -40,7 +41,11 @@ class VerifyReport:
 def verify_shard(cache: FeatureCache, shard: int, report: VerifyReport, seen_keys: dict[str, int]) -> None:
     rows = cache.shard_rows(shard)
     where = f"shard {shard} (rows {rows.start}-{rows.stop - 1})"
-    record = cache.shard_record(shard)
+    record = cache.record_state(shard)
+    if isinstance(record, str):  # a damaged record reads as none: the shard is extracted again (issue 21)
+        report.problem(shard, f"{where}: completion record shards/{shard:06d}/zarr.json is damaged ({record}); "
+                              "the shard counts as unfinished")
+        return
     if record is None:
         report.problems.append(f"{where}: not complete; re-run the same 'hgkd-extract run' command to finish it")
         return

@@ -14,7 +14,7 @@ def invoke(cli: click.Command, args: list[str]) -> subprocess.CompletedProcess:
     with its traceback appended to stderr, as a separate process would show it."""
     result = CliRunner().invoke(cli, args)
     stderr = result.stderr
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+    if result.exc_info is not None and not isinstance(result.exc_info[1], SystemExit):  # exit 0: exception is None
         stderr += "".join(traceback.format_exception(*result.exc_info))
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
 
