@@ -1,7 +1,8 @@
 """The one exception type for mistakes a user can fix (bad option, bad file, wrong checkpoint).
 
-The CLIs turn it into a single line on stderr and exit code 2 (``user_errors``); anything
-else is a bug and keeps its traceback.
+The CLIs turn it into a single line on stderr and exit code 2 (``user_errors``); a run
+stopped by a preemption signal (``Resumable``) is one ``stopped: ...`` line and exit code 75;
+anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ class HgkdError(Exception):
     """A user-facing error: the message names the file/option and says what to do."""
 
 
+RESUMABLE_EXIT = 75  # EX_TEMPFAIL: stopped early on purpose; the same command continues the run
+
+
+class Resumable(Exception):
+    """A run stopped at a step boundary (preemption signal) after writing its checkpoint; the
+    message says where it stopped and that re-running the same command continues it."""
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """CLI decorator: HgkdError -> ``error: <message>`` on stderr, exit code 2, no traceback."""
 
@@ -24,5 +33,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except HgkdError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except Resumable as stop:
+            print(f"stopped: {stop}", file=sys.stderr)
+            sys.exit(RESUMABLE_EXIT)
 
     return wrapper

@@ -10,11 +10,14 @@ from click.core import ParameterSource
 
 import yaml
 
+from .. import remote
 from ..config import default_of
 from ..data.view_config import DECODERS, GRANULARITIES, TEACHER_VIEWS
 from ..errors import HgkdError, user_errors
+from ..ranges import Ranged, at_least
 from ..registry import METHOD_NAMES, STUDENT_NAMES, TEACHER_NAMES
-from .config import SPARSE_BACKENDS, STUDENT_MASKS, DistillConfig, TeacherConfig, load_yaml
+from .config import (NONFINITE_ACTIONS, RESUME_MODES, SPARSE_BACKENDS, STUDENT_MASKS, DistillConfig, TeacherConfig,
+                     load_yaml)
 
 # Option defaults are read from the config dataclasses (one home per default, issue 14).
 RUN, TEACHER = partial(default_of, DistillConfig), partial(default_of, TeacherConfig)
@@ -94,10 +97,26 @@ def main(verbose: bool) -> None:
               help="Use views 0..K-1 of the cache (epoch e shows view e mod K); 0: every view it holds.")
 @click.option("--student-mask", type=click.Choice(STUDENT_MASKS), default=RUN("student_mask"), show_default=True,
               help="'fresh': a new student mask every epoch (needs full-view teacher targets).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--remote-retries", type=int, default=RUN("remote_retries"),
+              help="Retries of a transient fault of a --data/--cache URL (reset, timeout, HTTP 429/5xx, short "
+                   "body); default $HGKD_REMOTE_RETRIES or 8.")
+@click.option("--remote-retry-seconds", type=float, default=RUN("remote_retry_seconds"),
+              help="Total seconds one remote read may spend retrying; default $HGKD_REMOTE_RETRY_SECONDS or 120.")
+@click.option("--nonfinite", type=click.Choice(NONFINITE_ACTIONS), default=RUN("nonfinite"), show_default=True,
+              help="A step whose loss or gradient norm is not finite is never applied; 'stop': the run stops with "
+                   "one line naming it, 'skip': it is skipped and counted (metrics column skipped_steps).")
+@click.option("--resume", type=click.Choice(RESUME_MODES), is_flag=False, flag_value="always", default="never",
+              show_default=True,
+              help="auto: continue the run in --out when it holds a checkpoint, start it when not (one command for "
+                   "job scripts, requeues and torchrun --max-restarts); always (a bare --resume): continue, a "
+                   "missing checkpoint is an error; never: refuse an --out holding a run.")
 @user_errors
-def run(config_file: str | None, resume: bool, **opts) -> None:
-    """Train the student against the cached teacher targets."""
+def run(config_file: str | None, resume: str, **opts) -> None:
+    """Train the student against the cached teacher targets.
+
+    SIGTERM or SIGUSR1 (preemption) stops it at the next step with a checkpoint, one
+    'stopped:' line and exit code 75; the same command with --resume auto continues it.
+    """
     from .methods import METHODS, method_class
     from .train import Trainer, make_dir
 
@@ -113,7 +132,9 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
     for required in ("cache", "data", "out") if reads_cache else ("data", "out"):
         if not values.get(required):
             raise HgkdError(f"--{required} is required (on the command line or in --config)")
-    cfg = DistillConfig.from_dict(values, source=config_file or "options")
+    given = {name for name in opts if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}  # errors: --name
+    cfg = DistillConfig.from_dict(values, source=config_file or "options", options=given)
+    remote.configure(cfg.remote_retries, cfg.remote_retry_seconds)  # before any read; forked workers inherit it
     trainer = Trainer(cfg, resume=resume)
     make_dir(Path(cfg.out), "--out")  # a bad --out is the one line printed, before the run's notes
     if trainer.dist.main and cfg.sparse:
@@ -121,11 +142,14 @@ def run(config_file: str | None, resume: bool, **opts) -> None:
     if trainer.dist.main and getattr(trainer.targets, "pixel_check", None):
         click.echo(trainer.targets.pixel_check, err=True)
     history = trainer.fit()
+    skipped = f", {trainer.skipped_steps} non-finite steps skipped" if cfg.nonfinite == "skip" else ""
     if history:
         last = history[-1]
-        terms = ", ".join(f"{k} {v:.4f}" for k, v in last.items()
-                          if k not in ("loss", "lr", "grad_norm", "img_per_s", "epoch", "step"))
-        click.echo(f"{cfg.out}: {last['step']:.0f} steps, final loss {last['loss']:.4f} ({terms})")
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in (
+            "loss", "lr", "grad_norm", "img_per_s", "epoch", "step", "skipped_steps", "remote_retries"))
+        click.echo(f"{cfg.out}: {last['step']:.0f} steps, final loss {last['loss']:.4f} ({terms}){skipped}")
+    else:
+        click.echo(f"{cfg.out}: already trained to epoch {trainer.epoch} ({trainer.global_step} steps){skipped}")
 
 
 @main.command()
@@ -196,7 +220,7 @@ def export(run_dir: str, out: str, fmt: str) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--cache", required=True, help="Cache of held-out views from the same teacher.")
 @click.option("--data", multiple=True, required=True, help="The data that cache was made from.")
-@click.option("--max-views", type=int, default=None)
+@click.option("--max-views", type=Ranged(at_least(1)), default=None, help="Default: every view of the cache.")
 @user_errors
 def fidelity(run_dir: str, cache: str, data: tuple[str, ...], max_views: int | None) -> None:
     """Token cosine and relative MSE of the student's output against the teacher's tokens."""

@@ -10,20 +10,77 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import yaml
 
 from ..config import checked_values, default_of, load_mapping
 from ..data.view_config import DECODERS, ViewConfig
 from ..errors import HgkdError
+from ..ranges import FRACTION, IMG_SIZE_MAX, SEED, WORKERS, Range, at_least, check_ranges, option_label, positive
 from ..registry import DEFAULT_METHOD
 
 SPARSE_BACKENDS = ("auto", "minkowski", "masked", "rows")
 ONLINE_VIEW_OPTIONS = ("scale", "ratio", "hflip", "interpolation", "seed")  # DistillConfig.view_options keys
 STUDENT_MASKS = ("cached", "fresh")
+RESUME_MODES = ("never", "auto", "always")  # --resume (issue 21): auto = continue if RUN has a checkpoint
+NONFINITE_ACTIONS = ("stop", "skip")  # --nonfinite: what a step with a non-finite loss or gradient does
 PAPER_EPOCHS, PAPER_WARMUP_EPOCHS = 100, 40  # Sec. 4.1: 40 warm-up epochs of 100
+BATCH_MAX = 65_536  # images per step, all ranks
+QUEUE_MAX = 2**20  # teacher embeddings held (4 GiB of a ViT-L's 1024-d float32)
+
+# Allowed values of every numeric option (issue 21), checked from the command line, --config files and
+# pipeline files alike, before anything is built. A maximum only where more is nonsense or unbounded memory.
+TRAINING_RANGES: dict[str, Range] = {
+    "epochs": at_least(1, 100_000),
+    "batch_size": at_least(1, BATCH_MAX),
+    "lr": positive(10.0),  # 1e12 trains to NaN weights
+    "weight_decay": Range(0, 10),  # negative: weights pushed away from zero
+    "seed": SEED,
+    "workers": WORKERS,
+    "img_size": at_least(16, IMG_SIZE_MAX),
+}
+RANGES: dict[str, Range] = {
+    **TRAINING_RANGES,
+    "clip_grad": positive(),  # max norm of clip_grad_norm_: 0 zeroes every gradient, < 0 reverses it; inf: off
+    "queue_size": at_least(1, QUEUE_MAX),
+    "tau": positive(10.0),  # softmax temperature of L_sim: 0 divides by zero
+    "sim_weight": Range(0, 1000),
+    "decoder_width": at_least(8, 8192),  # halved thrice down the UNet: 8 keeps every scale >= 1 channel
+    "checkpoint_every": at_least(0),
+    "log_every": at_least(0),
+    "cache_views": at_least(0, 100_000),
+    "online_views": at_least(0, 100_000),
+    "views_per_image": at_least(0, 100_000),
+    "mask_ratio": FRACTION,
+    "remote_retries": at_least(0, 1000),  # None: the environment's or hgkd.remote's default
+    "remote_retry_seconds": Range(0, 86_400),
+}
+TEACHER_RANGES: dict[str, Range] = {**TRAINING_RANGES, "num_classes": at_least(0, 1_000_000)}
+
+
+def check_optimizer(name: str, label: str) -> None:
+    """``name`` must be one of timm's optimizers (``lookahead_<name>`` too); one line with close matches."""
+    import difflib
+
+    from timm.optim import list_optimizers
+
+    known = list_optimizers()
+    parts = str(name).lower().split("_")
+    if parts[-1] in known and (len(parts) == 1 or parts[:-1] == ["lookahead"]):
+        return
+    close = difflib.get_close_matches(str(name).lower(), known, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else "e.g. lamb, adamw, sgd, lion"
+    raise HgkdError(f"{label} {name!r} is not a timm optimizer ({hint}); timm.optim.list_optimizers() "
+                    f"names all {len(known)}")
+
+
+def check_crop_scale(crop_scale: tuple[float, float], label: str) -> None:
+    low, high = crop_scale
+    if not 0 < low <= high <= 1:
+        raise HgkdError(f"{label} {list(crop_scale)} must be two area fractions 0 < low <= high <= 1")
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +120,7 @@ class DistillConfig:
     allow_decoder_mismatch: bool = False
     amp: bool = True  # bf16 autocast on CUDA; CPU runs fp32
     checkpoint_every: int = 0  # steps; 0 = at epoch ends only
+    nonfinite: str = "stop"  # a non-finite loss term or grad norm: "stop" the run (one line) or "skip" the step
     log_every: int = 10
     # views budget (issue 12): an epoch is one pass over the images; image i shows view e mod K in epoch e
     cache_views: int = 0  # K: use views 0..K-1 of the cache; 0 = every view it holds
@@ -82,10 +140,15 @@ class DistillConfig:
     teacher_classifier: str | None = None
     views_per_image: int = 0  # views cycled over epochs; 0 = a fresh view every epoch
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale of those views
+    # remote reads (issue 21): retries of transient faults and their total time; None = $HGKD_REMOTE_RETRIES /
+    # $HGKD_REMOTE_RETRY_SECONDS, else hgkd.remote.RetryPolicy's defaults (8 retries, 120 s)
+    remote_retries: int | None = None
+    remote_retry_seconds: float | None = None
 
     def __post_init__(self) -> None:
         from .methods import METHODS
 
+        self.check_values(option_label)  # from_dict checked them first, naming the file
         if self.method not in METHODS:
             raise HgkdError(f"--method {self.method!r}: choose one of {', '.join(METHODS.names())}")
         if not isinstance(self.method_opts, dict):
@@ -107,8 +170,20 @@ class DistillConfig:
             raise HgkdError("--batch-size and --epochs must be positive")
         if self.student_mask not in STUDENT_MASKS:
             raise HgkdError(f"--student-mask {self.student_mask!r}: choose one of {', '.join(STUDENT_MASKS)}")
+        if (self.remote_retries is not None and self.remote_retries < 0) or (
+                self.remote_retry_seconds is not None and self.remote_retry_seconds < 0):
+            raise HgkdError(f"--remote-retries {self.remote_retries} / --remote-retry-seconds "
+                            f"{self.remote_retry_seconds}: must be >= 0 (0: no retries)")
+        if self.nonfinite not in NONFINITE_ACTIONS:
+            raise HgkdError(f"--nonfinite {self.nonfinite!r}: choose one of {', '.join(NONFINITE_ACTIONS)}")
         if self.cache_views < 0 or self.online_views < 0:
             raise HgkdError("--cache-views and --online-views must be >= 0 (0: all cached views / fresh views)")
+
+    def check_values(self, label: Callable[[str], str]) -> None:
+        """Numeric ranges, crop scale and optimizer name (issue 21); ``label(key)`` names the value."""
+        check_ranges({key: getattr(self, key) for key in RANGES if hasattr(self, key)}, RANGES, label)
+        check_crop_scale(tuple(self.crop_scale), label("crop_scale"))
+        check_optimizer(self.optimizer, label("optimizer"))
 
     @property
     def encoder_backend(self) -> str:
@@ -120,12 +195,22 @@ class DistillConfig:
         return blob
 
     @classmethod
-    def from_dict(cls, blob: dict[str, Any], source: str = "config") -> "DistillConfig":
+    def from_dict(cls, blob: dict[str, Any], source: str = "config", options: Iterable[str] = ()) -> "DistillConfig":
+        """Checked config from a mapping; ``source`` names the file (``"options"``: the command line),
+        ``options`` the keys given on the command line (named ``--key`` in errors)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(blob) - known)
         if unknown:
             raise HgkdError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**checked_values(cls, blob, source))
+        values = checked_values(cls, blob, source)
+        given = set(options)
+        label = partial(_label, source, given)
+        check_ranges(values, RANGES, label)  # before anything is built from them (issue 21)
+        if "crop_scale" in values:  # a list of 2 numbers (checked_values)
+            check_crop_scale(tuple(values["crop_scale"]), label("crop_scale"))
+        if "optimizer" in values:
+            check_optimizer(values["optimizer"], label("optimizer"))
+        return cls(**values)
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -153,6 +238,19 @@ class TeacherConfig:
     workers: int = 1
     device: str = "auto"
     test_data: list[str] = field(default_factory=list)  # held-out labelled data for the reported accuracy
+
+    def __post_init__(self) -> None:
+        """Ranges, warm-up, crop scale and optimizer before any data is read (issue 21)."""
+        check_ranges({key: getattr(self, key) for key in TEACHER_RANGES}, TEACHER_RANGES, option_label)
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise HgkdError(f"--warmup-epochs {self.warmup_epochs} must be between 0 and --epochs {self.epochs}")
+        check_crop_scale(tuple(self.crop_scale), "--crop-scale")
+        check_optimizer(self.optimizer, "--optimizer")
+
+
+def _label(source: str, options: set[str], key: str) -> str:
+    """``--lr`` for a command-line value, ``recipe.yaml: lr:`` for one from a file."""
+    return option_label(key) if source == "options" or key in options else f"{source}: {key}:"
 
 
 def default_warmup_epochs(epochs: int) -> int:

@@ -7,6 +7,15 @@ its loss terms; LAMB (or any timm optimizer) with grad-norm clipping, per-step c
 schedule with warm-up (timm). An epoch is one pass over the images, so ``--epochs`` and
 ``--warmup-epochs`` count image passes whatever the views per image (issue 12); what the run
 consumed goes to ``RUN/cost.json``. Runs single-process or under torchrun (DDP; gloo on CPU).
+
+Long runs on a real cluster (issue 21): one process trains in a run directory at a time
+(``RUN/.lock``); ``--resume auto`` continues a run directory that holds a checkpoint and
+starts one that does not, so one command line serves a first start, a requeue after
+preemption and a ``torchrun --max-restarts`` restart. SIGTERM/SIGUSR1 stop the run at the
+next step boundary (the same step on every rank) with a checkpoint and ``Resumable``. A step
+whose loss terms or gradient norm are not finite is never applied: the run stops with one
+line (``--nonfinite stop``) or skips and counts it (``--nonfinite skip``), the same decision
+on every rank.
 """
 from __future__ import annotations
 
@@ -28,13 +37,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..devices import join_process_group, resolve_device
-from ..errors import HgkdError
+from ..errors import HgkdError, Resumable
+from ..preemption import StopSignals, stop_signals
 from ..pixels import normalize_uint8, pixel_stats
-from ..run_layout import last_checkpoint
+from ..run_layout import LAST, checkpoint_dir, checkpoints_present
 from ..storage.metadata import teacher_identity
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import RunLock, resume_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .classifier import ClassifierNet
-from .config import DistillConfig
+from .config import RESUME_MODES, DistillConfig
 from .cost import CostLedger, RunCost
 from .data import Batch, whole_batch
 from .methods import DistillMethod, MethodContext, NetDims, create_method, method_class, method_options
@@ -85,19 +95,67 @@ class DistillStep(nn.Module):
         return self.method(student.float(), teacher.float(), labels_b, index_b)
 
 
-class Trainer:
-    """Owns model, optimizer, schedule, queue and position; ``fit`` runs to cfg.epochs."""
+def resume_mode(resume: str | bool) -> str:
+    """``--resume`` never|auto|always; a bool (older callers) is always/never."""
+    mode = ("always" if resume else "never") if isinstance(resume, bool) else resume
+    if mode not in RESUME_MODES:
+        raise HgkdError(f"--resume {mode!r}: choose one of {', '.join(RESUME_MODES)}")
+    return mode
 
-    def __init__(self, cfg: DistillConfig, resume: bool = False) -> None:
+
+class Trainer:
+    """Owns model, optimizer, schedule, queue and position; ``fit`` runs to cfg.epochs.
+
+    ``resume``: "never" (refuse a run directory holding a checkpoint), "always" (continue
+    from its newest intact checkpoint; none is an error) or "auto" (continue when there is
+    one, start when there is none), issue 21.
+    """
+
+    def __init__(self, cfg: DistillConfig, resume: str | bool = "never") -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
+        self.resume_mode = resume_mode(resume)
         self.device = resolve_device(cfg.device, per_rank=True)
         self.backend_choice = choose_sparse_backend(cfg.sparse_backend, self.device)
-        cfg = self.cfg = replace(cfg, sparse_backend=self.backend_choice.name)  # config.yaml keeps what ran
+        self.cfg = replace(cfg, sparse_backend=self.backend_choice.name)  # config.yaml keeps what ran
         self.dist = init_distributed(self.device)
+        self.lock = RunLock(self.run_dir)
+        try:
+            self._setup()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _take_lock(self) -> None:
+        """The main rank holds ``RUN/.lock`` (the other ranks share its run directory)."""
+        if self.dist.main:
+            self.lock.acquire()
+
+    def _find_checkpoint(self) -> dict[str, Any] | None:
+        """What the resume mode reads (None: start a new run); one-line errors otherwise."""
+        if self.resume_mode == "never":
+            if checkpoints_present(self.run_dir):
+                raise HgkdError(f"--out {self.run_dir} already holds a run; continue it with --resume auto (or "
+                                f"--resume) or use a new --out")
+            return None
+        found = resume_checkpoint(self.run_dir, warn=self.dist.main)
+        if found is None:
+            if self.resume_mode == "always":
+                raise HgkdError(f"{self.run_dir}: no checkpoint there; start without --resume (or with --resume "
+                                f"auto) or check --out")
+            return None
+        self.last_saved = (found[0], found[1].get("global_step", 0))
+        return found[1]
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if self.run_dir.is_dir():
+            self._take_lock()  # before reading its checkpoints (a new directory: in fit, once made)
         torch.manual_seed(cfg.seed)
         self.supervised = method_class(cfg.method).supervised
-        resumed = load_checkpoint(last_checkpoint(self.run_dir)) if resume else None
+        self.last_saved: tuple[Path, int] | None = None  # the newest checkpoint known good: path, step
+        resumed = self._find_checkpoint()
+        self.started_fresh = resumed is None
         # a run that used every cached view (--cache-views 0) keeps the views it started with when the
         # cache has grown since: the original command resumes it (issue 22)
         started = resumed.get("views") if resumed and cfg.cache and not cfg.online_teacher else None
@@ -124,14 +182,13 @@ class Trainer:
                     if self.dist.world_size > 1 else self.step_module)
         self.mean, self.std = pixel_stats(device=self.device)
         self.epoch, self.next_batch, self.global_step = 0, 0, 0
+        self.skipped_steps, self.remote_retries = 0, 0  # non-finite steps skipped; remote read retries
         self._loader: DataLoader | None = None
         cost = RunCost(method=cfg.method, targets=self.targets.kind, cache=cfg.cache or None, views=self.targets.views,
                        student_mask=cfg.student_mask, cache_bytes_per_view=self.targets.bytes_per_view)
         self.ledger = CostLedger(cost, cache_rows=self.targets.cache_rows)
         if resumed is not None:
             self._restore(resumed)
-        elif last_checkpoint(self.run_dir).exists():
-            raise HgkdError(f"--out {self.run_dir} already holds a run; continue it with --resume or use a new --out")
         else:
             self._prefill_queue()
         self.scheduler.step_update(self.global_step)
@@ -172,7 +229,8 @@ class Trainer:
                 "method": self.method.state_dict(), "rng": rng_state(), "epoch": self.epoch,
                 "next_batch": self.next_batch, "global_step": self.global_step, "config": self.cfg.to_dict(),
                 "targets_fingerprint": self.targets.fingerprint, "teacher": self.teacher, "views": self.targets.views,
-                "cost": self.ledger.state()}
+                "cost": self.ledger.state(),
+                "counters": {"skipped_steps": self.skipped_steps, "remote_retries": self.remote_retries}}
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("targets_fingerprint") != self.targets.fingerprint:
@@ -194,12 +252,27 @@ class Trainer:
         self.epoch, self.next_batch, self.global_step = ckpt["epoch"], ckpt["next_batch"], ckpt["global_step"]
         if "cost" in ckpt:  # runs checkpointed before the cost ledger (issue 12) start it afresh
             self.ledger.load_state(ckpt["cost"])
+        counters = ckpt.get("counters", {})  # checkpoints before issue 21 count from 0
+        self.skipped_steps = counters.get("skipped_steps", 0)
+        self.remote_retries = counters.get("remote_retries", 0)
 
     def save(self) -> None:
-        """Checkpoint, then the cost ledger as of that checkpoint."""
+        """Checkpoint, then the cost ledger as of that checkpoint; non-finite weights are never
+        written (they would replace the last good checkpoint)."""
+        params = [p.detach() for p in self.step_module.parameters()]
+        if params and not torch.isfinite(torch.stack(torch._foreach_norm(params))).all():
+            raise HgkdError(f"{self.run_dir}: the weights became non-finite by step {self.global_step} (a finite "
+                            f"loss, a too large update); not checkpointed; last good checkpoint "
+                            f"{self._last_saved_text()}; lower --lr")
         if self.dist.main:
             save_checkpoint(self.run_dir, self.state())
             self.write_cost()
+        self.last_saved = (checkpoint_dir(self.run_dir) / LAST, self.global_step)
+
+    def _last_saved_text(self) -> str:
+        if self.last_saved is None:
+            return "none (no checkpoint written yet)"
+        return f"{self.last_saved[0]} (step {self.last_saved[1]})"
 
     def write_cost(self) -> None:
         if self.dist.main:
@@ -214,17 +287,57 @@ class Trainer:
         visible = None if self.supervised else batch.visible
         return self.ddp(x, visible, teacher, labels, batch.indices)
 
-    def step(self, batch: Batch) -> dict[str, float]:
+    def step(self, batch: Batch, stop: StopSignals | None = None) -> tuple[dict[str, float], str | None]:
+        """One optimizer step unless a loss term or the gradient norm is not finite (issue 21):
+        then nothing is applied (``--nonfinite skip``: buffers such as H-GKD's queue and the
+        BatchNorm statistics are put back) or the run stops with one line. Returns the metrics
+        row and the stop signal every rank agreed on (None: keep going)."""
         self.ddp.train()  # student + method only; a classifier teacher stays in eval mode
+        skip = self.cfg.nonfinite == "skip"
+        buffers = [(b, b.detach().clone()) for b in self.step_module.buffers()] if skip else []
         terms = self.losses(self.targets.complete(batch.to(self.device).ready()))
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), self.cfg.clip_grad)
-        self.optimizer.step()
+        nonfinite, stop_name, retries = self._agree(terms, grad_norm, stop, getattr(batch, "remote_retries", 0))
+        self.remote_retries += retries
+        row = {**{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": float(grad_norm)}
+        if nonfinite and not skip:
+            values = ", ".join(f"{k}={row[k]}" for k in nonfinite)
+            raise HgkdError(f"{self.run_dir}: non-finite loss at epoch {self.epoch} step {self.global_step + 1} "
+                            f"({values}), not applied; last good checkpoint {self._last_saved_text()}; lower --lr, "
+                            f"check the data, or skip such steps with --nonfinite skip")
+        if nonfinite:
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite %s, skipped (%d so far)", self.global_step + 1, ", ".join(nonfinite),
+                        self.skipped_steps)
+        else:
+            self.optimizer.step()
         self.global_step += 1
         self.scheduler.step_update(self.global_step)
-        return {**{k: float(v.detach()) for k, v in terms.items()}, "grad_norm": float(grad_norm),
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        row.update(lr=self.optimizer.param_groups[0]["lr"], skipped_steps=self.skipped_steps,
+                   remote_retries=self.remote_retries)
+        return row, stop_name
+
+    def _agree(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor, stop: StopSignals | None,
+               retries: int) -> tuple[list[str], str | None, int]:
+        """What every rank decides together, in one all-reduce of a few integers: the loss terms
+        (and ``grad_norm``) not finite on any rank, whether any rank was asked to stop, and the
+        remote read retries of this step's batches summed over ranks."""
+        names = [*terms, "grad_norm"]
+        values = torch.stack([*(t.detach().float().reshape(()) for t in terms.values()),
+                              grad_norm.detach().float().reshape(()).to(self.device)])
+        local_stop = stop is not None and stop.requested is not None
+        flags = torch.cat([(~torch.isfinite(values)).long(),
+                           torch.tensor([int(local_stop), int(retries)], device=values.device)])
+        if self.dist.world_size > 1:
+            dist.all_reduce(flags)  # SUM: > 0 means on some rank
+        *bad, stops, retries_all = flags.tolist()
+        stop_name = (stop.requested if local_stop else "a stop signal to another rank") if stops else None
+        return [n for n, b in zip(names, bad) if b], stop_name, retries_all
 
     # ---- loop --------------------------------------------------------------------------
     def loader(self) -> DataLoader:
@@ -241,13 +354,34 @@ class Trainer:
         return self._loader
 
     def fit(self, stop_after_steps: int | None = None) -> list[dict[str, float]]:
-        """Train to ``cfg.epochs`` (or for ``stop_after_steps`` steps); returns per-step metrics."""
+        """Train to ``cfg.epochs`` (or for ``stop_after_steps`` steps); returns per-step metrics.
+
+        SIGTERM/SIGUSR1 (issue 21): at the next step boundary, a checkpoint, then ``Resumable``.
+        The run directory's lock is released when it returns (or raises)."""
+        try:
+            with stop_signals() as stop:
+                return self._fit(stop, stop_after_steps)
+        finally:
+            self.lock.release()
+
+    def _stop(self, signal_name: str) -> None:
+        """Raise ``Resumable``: the checkpoint is written, the line says how to continue."""
+        how = "run the same command again" if self.resume_mode != "never" else \
+            "run the same command with --resume auto"
+        raise Resumable(f"{self.run_dir}: {signal_name} at epoch {self.epoch} step {self.global_step}; checkpoint "
+                        f"{checkpoint_dir(self.run_dir) / LAST}; resumable: {how}")
+
+    def _fit(self, stop: StopSignals, stop_after_steps: int | None) -> list[dict[str, float]]:
         make_dir(self.run_dir, "--out")
+        self._take_lock()
+        if self.started_fresh and checkpoints_present(self.run_dir):  # written since this trainer looked
+            raise HgkdError(f"--out {self.run_dir} already holds a run; continue it with --resume auto or use a "
+                            f"new --out")
         if self.dist.main:
             self.cfg.save(self.run_dir / "config.yaml")
         metrics = MetricsLog(self.run_dir, enabled=self.dist.main, after_step=self.global_step)
         history: list[dict[str, float]] = []
-        steps_done = 0
+        steps_done, stopping = 0, None
         while self.epoch < self.cfg.epochs:
             self.sampler.set_epoch(self.epoch, self.next_batch)
             bar = tqdm(total=self.steps_per_epoch, initial=self.next_batch, desc=f"epoch {self.epoch}",
@@ -255,7 +389,11 @@ class Trainer:
             tick = time.perf_counter()
             for batch in self.loader():
                 step_rows, forwards = self.sampler.global_batch(self.next_batch), self.targets.forwards
-                row = self.step(batch)
+                try:
+                    row, stopping = self.step(batch, stop)
+                except HgkdError:
+                    metrics.close()
+                    raise
                 world = self.dist.world_size
                 self.ledger.add_step(step_rows, len(batch.rows) * world, (self.targets.forwards - forwards) * world)
                 self.next_batch += 1
@@ -267,8 +405,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}")
                 bar.update(1)
                 steps_done += 1
-                if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
+                saved = self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0
+                if saved:
                     self.save()
+                if stopping and self.next_batch < self.steps_per_epoch:  # at an epoch's end: below
+                    bar.close()
+                    if not saved:
+                        self.save()
+                    metrics.close()
+                    self._stop(stopping)
                 if stop_after_steps is not None and steps_done >= stop_after_steps:
                     bar.close()
                     metrics.close()
@@ -277,6 +422,9 @@ class Trainer:
             bar.close()
             self.epoch, self.next_batch = self.epoch + 1, 0
             self.save()
+            if stopping and self.epoch < self.cfg.epochs:
+                metrics.close()
+                self._stop(stopping)
         metrics.close()
         self.write_cost()
         return history
@@ -320,7 +468,7 @@ class MetricsLog:
     TensorBoard, so a resumed run logs every step once (issue 11).
     """
 
-    FIELDS = ("epoch", "step", "loss", "lr", "grad_norm", "img_per_s")
+    FIELDS = ("epoch", "step", "loss", "lr", "grad_norm", "img_per_s", "skipped_steps", "remote_retries")
 
     def __init__(self, run_dir: Path, enabled: bool = True, after_step: int = 0) -> None:
         self.enabled = enabled

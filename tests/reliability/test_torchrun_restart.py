@@ -1,0 +1,89 @@
+"""``torchrun --max-restarts 1`` with one rank killed once (issue 21, item 3): one command line,
+``--resume auto``, starts the run and, after torchrun restarts every rank, continues it from
+the last checkpoint; the run completes and its weights equal the uninterrupted two-rank run."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TINY = ["--student", "resnet18", "--sparse-backend", "masked", "--batch-size", "4", "--epochs", "3",
+        "--warmup-epochs", "0", "--queue-size", "16", "--decoder-width", "32", "--workers", "0",
+        "--checkpoint-every", "1", "--resume", "auto"]
+
+
+def torchrun(cache: str, data: str, out: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+            "-m", "hgkd.distill.cli", "run", "--cache", cache, "--data", data, "--out", str(out), *TINY]
+
+
+def metric_rows(run: Path) -> int:
+    try:
+        with (run / "metrics.csv").open(newline="") as f:
+            return sum(1 for _ in csv.DictReader(f))
+    except (FileNotFoundError, StopIteration):
+        return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc: no psutil here)."""
+    parent_of = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent_of[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, parent in parent_of.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def rank_pid(torchrun_pid: int, rank: int) -> int | None:
+    for pid in descendants(torchrun_pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_torchrun_restart_after_a_killed_rank_equals_the_uninterrupted_run(f32_cache, photo_tars, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.run(torchrun(f32_cache, photo_tars, tmp_path / "ref", 29541), capture_output=True,
+                               text=True, timeout=300, env=env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun(f32_cache, photo_tars, run, 29543), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and metric_rows(run) < 4 and proc.poll() is None:
+        time.sleep(0.02)
+    victim = rank_pid(proc.pid, 1)
+    assert victim is not None and proc.poll() is None, "rank 1 must be running after 4 of 9 steps"
+    os.kill(victim, signal.SIGKILL)
+    killed_at = metric_rows(run)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert killed_at < 9, "the kill must land before the last step"
+    assert err.count("sparse backend:") == 2, err[-3000:]  # rank 0 started twice: torchrun restarted the ranks
+    want, got = weights(tmp_path / "ref"), weights(run)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
