@@ -27,6 +27,7 @@ from ..config import default_of
 from ..errors import HgkdError, user_errors
 from ..registry import PROBE_HEAD_NAMES
 from .detection_recipe import AUTO, DETECTORS, NORMS, RECIPES, DetectionRecipe
+from .option_ranges import ranged  # one-line range errors (issue 21)
 
 
 @click.group()
@@ -45,21 +46,21 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Labelled training data: tar shards (cls members) or an image folder."),
         click.option("--test", multiple=True,
                      help="Labelled test data; without it --test-fraction of --train is held out."),
-        click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25,
+        click.option("--test-fraction", type=ranged("test_fraction"), default=0.25,
                      show_default=True),
-        click.option("--img-size", type=click.IntRange(min=8), default=224, show_default=True),
-        click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=0.875, show_default=True,
+        click.option("--img-size", type=ranged("img_size"), default=224, show_default=True),
+        click.option("--crop-pct", type=ranged("crop_pct"), default=0.875, show_default=True,
                      help="Eval transform: resize shorter side to img_size/crop_pct, center-crop img_size."),
-        click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True),
-        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--batch-size", type=ranged("batch_size"), default=64, show_default=True),
+        click.option("--workers", type=ranged("workers"), default=0, show_default=True,
                      help="DataLoader worker processes that read and decode images."),
         click.option("--features-dir", type=click.Path(file_okay=False),
                      help="Keep frozen features here (Zarr feature cache), reused by later kNN/probe runs of the "
                           "same model, data and view recipe; default: a temporary folder."),
-        click.option("--memory-mb", type=click.FloatRange(0, min_open=True), default=2048, show_default=True,
+        click.option("--memory-mb", type=ranged("memory_mb"), default=2048, show_default=True,
                      help="A probe loads its features whole up to this size, else reads them from the feature cache "
                           "in shuffled blocks every epoch."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=ranged("seed"), default=0, show_default=True),
         click.option("--device", default="auto", show_default=True),
         click.option("--out", required=True, type=click.Path(dir_okay=False), help="Results JSON file."),
     ]
@@ -88,8 +89,8 @@ def _write(record: dict[str, Any], out: str, summary: Callable[[Path], str]) -> 
 
 @main.command()
 @common_options
-@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.07, show_default=True)
+@click.option("--k", type=ranged("k"), default=20, show_default=True)
+@click.option("--temperature", type=ranged("temperature"), default=0.07, show_default=True)
 @user_errors
 def knn(**opts: Any) -> None:
     """Weighted kNN (cosine similarity, exp(sim/T) votes) on frozen features."""
@@ -100,11 +101,11 @@ def knn(**opts: Any) -> None:
 @common_options
 @click.option("--head", type=click.Choice(PROBE_HEAD_NAMES), default="mlp", show_default=True,
               help="mlp: the paper's Linear-ReLU-Linear head; linear: one Linear layer.")
-@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--hidden", type=click.IntRange(min=1), help="MLP hidden width (default: the feature width).")
-@click.option("--probe-batch-size", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--epochs", type=ranged("epochs"), default=100, show_default=True)
+@click.option("--lr", type=ranged("lr"), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=ranged("weight_decay"), default=1e-4, show_default=True)
+@click.option("--hidden", type=ranged("hidden"), help="MLP hidden width (default: the feature width).")
+@click.option("--probe-batch-size", type=ranged("probe_batch_size"), default=256, show_default=True)
 @user_errors
 def linear(head: str, **opts: Any) -> None:
     """Train a probe head on frozen, standardised features (AdamW, cross-entropy)."""
@@ -113,19 +114,25 @@ def linear(head: str, **opts: Any) -> None:
 
 @main.command()
 @common_options
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--hidden", type=click.IntRange(min=1), help="MLP hidden width (default: the feature width).")
-@click.option("--min-scale", type=click.FloatRange(0, 1, min_open=True), default=0.08, show_default=True,
+@click.option("--epochs", type=ranged("epochs"), default=10, show_default=True)
+@click.option("--lr", type=ranged("lr"), default=5e-4, show_default=True)
+@click.option("--weight-decay", type=ranged("weight_decay"), default=0.05, show_default=True)
+@click.option("--hidden", type=ranged("hidden"), help="MLP hidden width (default: the feature width).")
+@click.option("--min-scale", type=ranged("min_scale"), default=0.08, show_default=True,
               help="RandomResizedCrop's smallest area fraction (0.08: ImageNet; 0.3-0.5 for small low-res sets).")
-@click.option("--labels-per-class", type=click.IntRange(min=1),
+@click.option("--labels-per-class", type=ranged("labels_per_class"),
               help="Train on this many labelled images per class only, drawn with --seed (the semi-supervised "
                    "protocol); default: every label.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False),
+              help="Where SIGTERM/SIGUSR1 leave the run's checkpoint (finetune.pt). Default: <out>.ckpt/ beside --out.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint a stop signal left, exactly where it stopped.")
 @user_errors
-def finetune(**opts: Any) -> None:
-    """Fine-tune backbone + MLP head end to end on augmented images (AdamW, cosine)."""
-    _run("finetune", **opts)
+def finetune(checkpoint_dir: str | None, **opts: Any) -> None:
+    """Fine-tune backbone + MLP head end to end on augmented images (AdamW, cosine); SIGTERM/SIGUSR1 stop it
+    with a checkpoint (exit 75) that --resume continues."""
+    from .detection_checkpoint import default_dir
+
+    _run("finetune", checkpoint_dir=checkpoint_dir or default_dir(opts["out"]), **opts)
 
 
 def _recipe(name: str) -> Any:
@@ -169,30 +176,33 @@ def _int_list(option: str, text: str | None, length: int | None = None) -> list[
 @click.option("--norm", type=click.Choice(NORMS), help=_about(
     "norm", "syncbn: BN trained in trunk, FPN and heads (SyncBN under DDP on CUDA), nothing frozen - the "
             "self-supervised protocol; frozen: detectron2's frozen BN, stem and res2 frozen."))
-@click.option("--epochs", type=click.IntRange(min=1), help=_about("epochs"))
-@click.option("--batch-size", type=click.IntRange(min=1), help=_about("batch_size", "Images per step, all ranks."))
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help=_about("lr", "SGD lr per 16 images, scaled "
+@click.option("--epochs", type=ranged("epochs"), help=_about("epochs"))
+@click.option("--batch-size", type=ranged("batch_size", detection=True),
+              help=_about("batch_size", "Images per step, all ranks."))
+@click.option("--lr", type=ranged("lr", detection=True), help=_about("lr", "SGD lr per 16 images, scaled "
                                                                                  "linearly to --batch-size."))
-@click.option("--momentum", type=float, help=_about("momentum"))
-@click.option("--weight-decay", type=float, help=_about("weight_decay"))
-@click.option("--warmup-iters", type=click.IntRange(min=0), help=_about("warmup_iters"))
+@click.option("--momentum", type=ranged("momentum", detection=True), help=_about("momentum"))
+@click.option("--weight-decay", type=ranged("weight_decay"), help=_about("weight_decay"))
+@click.option("--warmup-iters", type=ranged("warmup_iters", detection=True), help=_about("warmup_iters"))
 @click.option("--lr-steps", help=_about("lr_steps", "Epochs after which the lr is divided by 10."))
 @click.option("--train-sizes", help=_about("train_sizes", "Training short sides, one drawn per image."))
-@click.option("--test-size", type=click.IntRange(min=16), help=_about("test_size"))
-@click.option("--max-size", type=click.IntRange(min=16), help=_about("max_size", "Longest side at most this."))
-@click.option("--flip", type=click.FloatRange(0, 1), help=_about("flip", "Horizontal-flip probability."))
-@click.option("--width", type=click.IntRange(min=8), help=_about("width", "FPN and head channels."))
-@click.option("--rois-per-image", type=click.IntRange(min=1), help=_about("rois_per_image"))
+@click.option("--test-size", type=ranged("test_size", detection=True), help=_about("test_size"))
+@click.option("--max-size", type=ranged("max_size", detection=True),
+              help=_about("max_size", "Longest side at most this."))
+@click.option("--flip", type=ranged("flip", detection=True), help=_about("flip", "Horizontal-flip probability."))
+@click.option("--width", type=ranged("width", detection=True), help=_about("width", "FPN and head channels."))
+@click.option("--rois-per-image", type=ranged("rois_per_image", detection=True), help=_about("rois_per_image"))
 @click.option("--proposals", help=_about("proposals", "RPN proposals per image after NMS: train,test."))
-@click.option("--detections-per-image", type=click.IntRange(min=1), help=_about("detections_per_image"))
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--detections-per-image", type=ranged("detections_per_image", detection=True),
+              help=_about("detections_per_image"))
+@click.option("--workers", type=ranged("workers"), default=0, show_default=True,
               help="DataLoader worker processes that read and decode images.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Default: <out>.ckpt/ beside --out.")
-@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--checkpoint-every", type=ranged("checkpoint_every", detection=True), default=0, show_default=True,
               help="Iterations between checkpoints (0: at epoch ends only).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint, exactly where it stopped.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=ranged("seed"), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Results JSON; the detections go beside it (<out>.bbox.json, <out>.segm.json).")

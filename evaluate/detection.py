@@ -13,7 +13,9 @@ each batch. The torch RNG (torchvision's per-image size draw and its RPN/RoI sam
 from ``seed`` and saved in every checkpoint with the iteration, the model and the optimizer, so
 ``resume`` continues a run exactly where it stopped (mid-epoch too): the result equals an
 uninterrupted run. Checkpoints go to ``checkpoint_dir`` every ``checkpoint_every`` iterations
-and at every epoch end. bf16 autocast on CUDA. Testing runs on every rank over its share of the
+and at every epoch end, and after the current iteration once SIGTERM/SIGUSR1 arrive
+(``hgkd.preemption``, issue 21; every rank stops at the same iteration), which then raises
+``Resumable``: ``resume`` continues it. bf16 autocast on CUDA. Testing runs on every rank over its share of the
 test images; rank 0 gathers the detections, writes them in COCO results format, scores them and
 sends the scores to the other ranks.
 """
@@ -38,13 +40,14 @@ from tqdm import tqdm
 
 from ..data.digit_detection import BUILTIN, write_digit_detection
 from ..devices import resolve_device
-from ..errors import HgkdError
+from ..errors import HgkdError, Resumable
+from ..preemption import StopSignals, stop_signals
 from .coco_data import CocoSet, batches_of, collate, load_coco
 from .coco_eval import METRICS, score, to_results, write_results
 from .detection_checkpoint import CheckpointFile
 from .detection_recipe import AUTO, DetectionRecipe
 from .detector import build_detector, check_trunk_used, set_sizes, sync_batchnorm
-from .finetune import process_group
+from .finetune import process_group, stop_agreed
 from .trunks import load_trunk
 
 log = logging.getLogger(__name__)
@@ -94,7 +97,8 @@ def detection_task(model: str | nn.Module, train: str | list[str], test: str | l
         trainer = Trainer(net, train_set, cfg, batch_size=batch_size, workers=workers, seed=seed, rank=rank,
                           world=world, ckpt=ckpt, config=config, checkpoint_every=checkpoint_every, progress=progress)
         trainer.restore(resume)
-        stats = trainer.fit()
+        with stop_signals() if ckpt else nullcontext() as stop:  # no checkpoint to leave: signals end the run
+            stats = trainer.fit(stop)
         results = predict(net, test_set, cfg, max(batch_size // world, 1), workers, rank, world, masks)
         scores = [score_results(results, test_set, out) if rank == 0 else None]
         if world > 1:  # rank 0 scores; every rank returns the same record
@@ -204,6 +208,7 @@ class Trainer:
         self.trained = net if world == 1 else DistributedDataParallel(
             net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.iteration, self.loss, self.seconds = 0, float("nan"), 0.0
+        self.resumed = False
 
     def restore(self, resume: bool) -> None:
         """Continue from the checkpoint with ``resume``; refuse to overwrite one without it."""
@@ -212,6 +217,7 @@ class Trainer:
                 raise HgkdError("--resume needs checkpoints: give --out or --checkpoint-dir")
             return
         state = self.ckpt.load(self.config, resume, self.rank)
+        self.resumed = resume
         if state is None:
             return
         self.net.load_state_dict(state["model"])
@@ -222,8 +228,9 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"][self.rank]["cuda"], self.device)
         log.info("resumed %s at iteration %d of %d", self.ckpt.path, self.iteration, self.total)
 
-    def fit(self) -> dict[str, Any]:
-        """Train to ``epochs``; returns the training figures of the record."""
+    def fit(self, stop: StopSignals | None = None) -> dict[str, Any]:
+        """Train to ``epochs``; returns the training figures of the record. Once ``stop`` is requested
+        (on any rank) the iteration in progress ends, a checkpoint is written and ``Resumable`` raised."""
         set_sizes(self.net, self.cfg.train_sizes)
         bar = tqdm(total=self.total, initial=self.iteration, desc="detection", unit="it", dynamic_ncols=True,
                    disable=not self.progress or self.rank != 0)
@@ -237,8 +244,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{self.loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 bar.update(1)
                 at_epoch_end = self.iteration % self.iters_per_epoch == 0
-                if at_epoch_end or (self.checkpoint_every and self.iteration % self.checkpoint_every == 0):
+                saved = at_epoch_end or (self.checkpoint_every and self.iteration % self.checkpoint_every == 0)
+                signal_name = stop_agreed(stop, self.world, self.device)
+                if saved or signal_name:
                     self._save(time.perf_counter() - begin)
+                if signal_name:
+                    bar.close()
+                    again = "again" if self.resumed else "with --resume"
+                    raise Resumable(f"{self.ckpt.path}: {signal_name} at iteration {self.iteration} of {self.total}; "
+                                    f"resumable: run the same command {again}")
             log.info("detection epoch %d/%d: loss %.4f", epoch + 1, self.cfg.epochs, self.loss)
         bar.close()
         seconds = time.perf_counter() - begin

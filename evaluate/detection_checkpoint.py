@@ -1,4 +1,5 @@
-"""The detection fine-tune's checkpoint: one file, replaced atomically, checked against the run on resume.
+"""The fine-tunes' checkpoint (detection, and image fine-tuning's stop checkpoint): one file, replaced
+atomically (fsync'd before the rename, issue 21), checked against the run on resume.
 
 It holds the model and optimizer state, the iteration, every rank's torch RNG state and the
 run's config (trunk, data, recipe without ``epochs``, batch, seed, ranks). A resume must match
@@ -25,13 +26,10 @@ class CheckpointFile:
     path: Path
 
     @classmethod
-    def beside(cls, out: str | None, checkpoint_dir: str | None) -> "CheckpointFile | None":
-        """``checkpoint_dir/detection.pt``; default ``<out stem>.ckpt/`` beside the record; None without both."""
-        if checkpoint_dir:
-            return cls(Path(checkpoint_dir) / FILE)
-        if out:
-            return cls(Path(out).with_name(Path(out).stem + ".ckpt") / FILE)
-        return None
+    def beside(cls, out: str | None, checkpoint_dir: str | None, name: str = FILE) -> "CheckpointFile | None":
+        """``checkpoint_dir/<name>``; default ``<out stem>.ckpt/`` beside the record; None without both."""
+        folder = checkpoint_dir or default_dir(out)
+        return cls(Path(folder) / name) if folder else None
 
     def load(self, config: dict[str, Any], resume: bool, rank: int) -> dict[str, Any] | None:
         """The checkpoint to resume from (None: start afresh); one line for any mismatch."""
@@ -40,7 +38,7 @@ class CheckpointFile:
                 raise HgkdError(f"--resume: no checkpoint at {self.path} to continue")
             return None
         if not resume:
-            raise HgkdError(f"{self.path} holds a detection checkpoint: pass --resume to continue it, or remove it "
+            raise HgkdError(f"{self.path} holds a {self.path.stem} checkpoint: pass --resume to continue it, or remove it "
                             "to start over")
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -59,5 +57,18 @@ class CheckpointFile:
         """Write ``state`` next to the file and rename it into place (a crash leaves the old one)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash never leaves a torn file in place
         os.replace(tmp, self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself
+        finally:
+            os.close(folder)
+
+
+def default_dir(out: str | None) -> str | None:
+    """Where a run's checkpoints go by default: ``<out stem>.ckpt/`` beside its record ``out``."""
+    return str(Path(out).with_name(Path(out).stem + ".ckpt")) if out else None

@@ -5,7 +5,8 @@ workers decode, the eval transform of ``hgkd.evaluate.data``) into a ``storage.f
 ``FeatureStore`` under ``features_dir``, named by the hash of what decides the features: the
 model's weights, the data's fingerprint (files and sizes) and the view recipe. A second probe
 of the same model and data reads it back; an interrupted extraction resumes at the first
-unwritten shard. ``FeatureRows`` is a selection of a store's rows (a train or test split), read
+unwritten shard, and shards whose files were lost or whose status is damaged are recomputed
+(issue 21). ``FeatureRows`` is a selection of a store's rows (a train or test split), read
 in contiguous blocks, so a probe never needs all features in memory at once.
 """
 from __future__ import annotations
@@ -122,6 +123,10 @@ def frozen_features(model: nn.Module, data: LabelledSet, features_dir: str | Pat
     shard_rows = shard_rows or max(256, SHARD_BYTES // (4 * dim) // 256 * 256)
     store = FeatureStore.create_or_resume(url, meta, whole.index, dim, shard_rows=shard_rows,
                                           chunk_rows=min(256, shard_rows))
+    lost = store.lost_shards()
+    if lost:  # a chunk file deleted or a status chunk damaged: it is a cache, so those rows are recomputed
+        log.warning("%s: feature cache shards %s were lost or damaged; recomputing them", url, lost[:10])
+        store.forget(lost)
     pending = store.pending_shards()
     if pending:
         log.info("%s: extracting features of %d images (%d shards) -> %s", data.name, len(whole),

@@ -66,7 +66,8 @@ register_task(EvalTask("linear", PROBE_OPTIONS, "features", "hgkd.evaluate.tasks
                        "one Linear layer on standardised frozen features"))
 register_task(EvalTask("mlp", PROBE_OPTIONS | {"hidden"}, "features", "hgkd.evaluate.tasks:probe_task",
                        "the paper's Linear-ReLU-Linear head on standardised frozen features"))
-register_task(EvalTask("finetune", frozenset({"epochs", "lr", "weight_decay", "hidden", "min_scale", "labels_per_class"}),
+register_task(EvalTask("finetune", frozenset({"epochs", "lr", "weight_decay", "hidden", "min_scale", "labels_per_class",
+                                               "checkpoint_dir", "resume"}),
                        "images",
                        "hgkd.evaluate.finetune:finetune", "backbone + MLP head trained end to end on augmented images"))
 DETECTION_OPTIONS = RECIPE_OPTIONS | {"batch_size", "train", "train_images", "test", "test_images", "out",

@@ -8,6 +8,12 @@ boundaries, so a resumed run computes exactly what an uninterrupted one would.
 Growing (issue 12): the same command with a larger ``--views-per-image`` on a complete cache
 appends a row block for the new views only (``FeatureCache.grow``) and fills its shards like
 any other run: same locks, completion records and resume.
+
+Preemption (issue 21): SIGTERM/SIGUSR1 (``hgkd.preemption``) stop the run at the next batch
+boundary. The open shard is submitted if its last batch is in, otherwise dropped (it lives
+only in memory: nothing of it is on storage); the shards already submitted are written and
+recorded, every lock taken is released, and ``Resumable`` says how far the cache got. The same
+command then extracts the missing shards, exactly as after ``kill -9``.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..devices import resolve_device
-from ..errors import HgkdError
+from ..errors import HgkdError, Resumable
+from ..preemption import StopSignals, stop_signals
 from ..storage.cache import STATUS_OK, STATUS_SKIPPED, FeatureCache, RowBlock
 from ..storage.codecs import encode_tokens
 from ..storage.locks import creation_lock
@@ -276,10 +283,15 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
                desc="extract", disable=not cfg.progress, smoothing=0.1)
     written: list[int] = []
     start = time.perf_counter()
-    with _storage_errors(cfg.out, writer):
-        for block in cache.blocks:
-            written += _fill_block(cache, block, access, cfg, done, extractor, writer, bar)
-    bar.close()
+    with stop_signals() as stop:
+        with _storage_errors(cfg.out, writer):
+            for block in cache.blocks:
+                written += _fill_block(cache, block, access, cfg, done, extractor, writer, bar, stop)
+                if stop.requested:
+                    break
+        bar.close()
+        if stop.requested:  # the submitted shards are on storage (the writer is closed): say how far it got
+            raise _stopped(cfg.out, cache, stop.requested)
     complete = cache.finalize()
     seconds = time.perf_counter() - start
     views = sum(len(cache.shard_rows(s)) for s in written)
@@ -288,15 +300,27 @@ def run_extract(cfg: ExtractConfig) -> ExtractReport:
     return ExtractReport(cache, written, views, seconds, extractor.teacher_seconds, complete, grown_from)
 
 
+def _stopped(out: str, cache: FeatureCache, signal_name: str) -> Resumable:
+    """The one line of a preempted run: views on storage now, out of the cache's rows (issue 21)."""
+    views = sum(len(cache.shard_rows(s)) for s in cache.completed_shards())
+    return Resumable(f"{out}: {signal_name} after {views} of {cache.view_rows()} views; resumable: run the same "
+                     "command again")
+
+
 def _fill_block(cache: FeatureCache, block: RowBlock, access: RandomAccessSource, cfg: ExtractConfig,
-                done: set[int], extractor: Extractor, writer: BackgroundWriter, bar: tqdm) -> list[int]:
+                done: set[int], extractor: Extractor, writer: BackgroundWriter, bar: tqdm,
+                stop: StopSignals | None = None) -> list[int]:
     """Write this process's pending shards of one row block; other shards' samples are not read.
 
     Samples are read, decoded and rendered by ``cfg.workers`` DataLoader processes (one torch
     thread each, their own GIL): in threads, torch's intra-op pool made each small resize up to
     20x slower and the extraction loop shared the GIL with them (issue 20, extraction at 0.12x
     of the bare forward on a GPU). A shard is claimed (its lock taken) when the loader first
-    asks for its batches, a little ahead of the extraction loop."""
+    asks for its batches, a little ahead of the extraction loop.
+
+    ``stop`` (issue 21) is polled before each batch: once requested, the open shard is submitted
+    when all its rows are in and dropped otherwise, and the locks of the shards claimed but not
+    submitted are released, so the next run (or another process) extracts them."""
     shards = cache.shards_of(block)
     todo = [s for s in shards if s % cfg.world_size == cfg.rank and s not in done]
     plan = ShardPlan(cache, block, todo, cfg, done)
@@ -305,7 +329,10 @@ def _fill_block(cache: FeatureCache, block: RowBlock, access: RandomAccessSource
                         multiprocessing_context="fork" if cfg.workers and os.name == "posix" else None)
     written: list[int] = []
     buffer: ShardBuffer | None = None
-    for shard, prepared in loader:
+    batches = iter(loader)
+    for shard, prepared in batches:
+        if stop is not None and stop.requested:
+            break
         for p in prepared:
             if isinstance(p.views_kchw, np.ndarray):
                 p.views_kchw = torch.from_numpy(p.views_kchw)
@@ -315,6 +342,12 @@ def _fill_block(cache: FeatureCache, block: RowBlock, access: RandomAccessSource
             buffer = ShardBuffer(cache, shard)
         extractor.rows_for(prepared, buffer, block)
         bar.update(len(prepared) * block.views_per_sample)
+    if stop is not None and stop.requested:
+        del batches  # shuts the loader's workers down: no further shard is claimed
+        if buffer is not None and not buffer.missing_rows():  # the open shard's last batch is in: keep it
+            written.append(_submit(cache, buffer, plan.locks.pop(buffer.shard), writer))
+        plan.release_unsubmitted()
+        return written
     if buffer is not None:
         written.append(_submit(cache, buffer, plan.locks.pop(buffer.shard), writer))
     return written
@@ -339,6 +372,13 @@ class ShardPlan(torch.utils.data.Sampler):
                  done: set[int]) -> None:
         self.cache, self.block, self.todo, self.cfg, self.done = cache, block, todo, cfg, done
         self.locks: dict[int, object] = {}
+
+    def release_unsubmitted(self) -> None:
+        """Release the locks of shards claimed but never handed to the writer (a stopped run)."""
+        while self.locks:
+            _, lock = self.locks.popitem()
+            if lock:
+                lock.release()
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         cache, block = self.cache, self.block

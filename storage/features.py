@@ -10,7 +10,10 @@ A Zarr v3 group with three row arrays, one row per labelled sample of the source
 A writer fills whole shards and records each one in ``shards/<i>`` after its arrays (as
 ``cache.py`` does); the root's ``status`` turns ``complete`` only after the last record. So an
 interrupted extraction resumes at the first unrecorded shard, and :meth:`FeatureStore.open`
-refuses a store that is not complete: a half-written cache never reads as valid. The store
+refuses a store that is not complete: a half-written cache never reads as valid. Zarr reads a
+missing chunk file as its fill value (zeros), so a recorded shard whose ``features`` or ``status``
+file is gone, or whose status is damaged or unwritten, is found by :meth:`FeatureStore.lost_shards`
+and recomputed (issue 21: a lost chunk once scored kNN at 10% instead of 51%). The store
 knows rows and numbers only; what the rows mean (model, data, view recipe) is the caller's
 ``meta``, compared on every open.
 """
@@ -118,6 +121,38 @@ class FeatureStore:
         done = {int(name) for name in self.group[SHARDS_GROUP].group_keys()}
         return [s for s in range(self.num_shards) if s not in done]
 
+    def lost_shards(self) -> list[int]:
+        """Recorded shards that cannot be read back as written: a ``features`` or ``status`` file
+        missing (read as zeros), or a status chunk that fails its crc32c or holds unwritten rows."""
+        from zarr.core.sync import sync
+
+        features, status = self.group["features"], self.group["status"]
+        pending = set(self.pending_shards())
+        done = [s for s in range(self.num_shards) if s not in pending]
+        lost = []
+        for shard in done:
+            keys = [f"{features.path}/{features.metadata.encode_chunk_key((shard, 0))}",
+                    f"{status.path}/{status.metadata.encode_chunk_key((shard,))}"]
+            if not all(sync(self.group.store.exists(key)) for key in keys):
+                lost.append(shard)
+                continue
+            rows = self.rows_of_shard(shard)
+            try:
+                written = status[rows.start:rows.stop]
+            except ValueError:  # crc32c mismatch
+                lost.append(shard)
+                continue
+            if (written == STATUS_MISSING).any():
+                lost.append(shard)
+        return lost
+
+    def forget(self, shards: list[int]) -> None:
+        """Drop the records of ``shards`` (and the complete mark) so they are written again."""
+        for shard in shards:
+            del self.group[SHARDS_GROUP][f"{shard:06d}"]
+        self.blob = {**self.blob, "status": "incomplete"}
+        self.group.attrs[ATTR] = self.blob
+
     # ---- writing ------------------------------------------------------------------------
     def write_shard(self, shard: int, features_nd: np.ndarray, status_n: np.ndarray) -> None:
         """Both arrays of one whole shard, then its completion record."""
@@ -142,7 +177,12 @@ class FeatureStore:
         return self.group["index"][:]
 
     def status(self) -> np.ndarray:
-        return self.group["status"][:]
+        """Per row: ok, undecodable image, or not written; one line naming the cache if damaged."""
+        try:
+            return self.group["status"][:]
+        except ValueError as err:  # crc32c: the cache is damaged, not the images
+            raise HgkdError(f"{self.url}: the feature cache's status is damaged ({err}); delete the feature cache "
+                            "to recompute it") from None
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Features of rows ``start .. stop - 1`` (float32)."""
