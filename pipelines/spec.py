@@ -52,11 +52,21 @@ from typing import Any
 import yaml
 
 from ..config import load_mapping, unknown_keys
+from ..distill.config import TEACHER_RANGES
 from ..errors import HgkdError
+from ..evaluate.option_ranges import IMAGE_RANGES, task_ranges
 from ..evaluate.registry import TASKS as EVAL_TASKS
+from ..extract.config import RANGES as EXTRACT_RANGES
+from ..extract.config import VIEW_RANGES
+from ..ranges import IMG_SIZE_MAX, Range, at_least, check_ranges
 
 DEFAULT_CACHE = "default"  # the name of a pipeline's single ``cache``
 TEACHER_KEYS = ("name", "checkpoint", "img_size", "pretrain_mae", "random_init")
+# Numeric entries checked when the file is read (issue 21), named by the file and their section; the
+# distillation variants are checked by DistillConfig.from_dict (pipelines.run.validate_stages) the same way.
+TEACHER_IMG = {"img_size": at_least(16, IMG_SIZE_MAX)}
+BUILTIN_RANGES = {"img_size": at_least(8, IMG_SIZE_MAX), "max_images": at_least(1)}
+CACHE_RANGES: dict[str, Range] = {**EXTRACT_RANGES, **VIEW_RANGES}
 
 
 @dataclass
@@ -135,6 +145,26 @@ class PipelineSpec:
             raise HgkdError(f"{self.source}: 'heldout' needs 'data' (the held-out images of the fidelity cache)")
         for variant in self.variants:
             self._check_variant(variant)
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every numeric entry of the teacher, builtin data, caches, classifier teacher and evaluation
+        against the range its command takes: ``pipeline.yaml: eval.options.knn: k: 0 must be at least 1``."""
+        def check(section: str, values: dict[str, Any], ranges: dict[str, Range]) -> None:
+            check_ranges(values, ranges, lambda key: f"{self.source}: {section}: {key}:")
+
+        check("teacher", self.teacher, TEACHER_IMG)
+        check("builtin", self.builtin, BUILTIN_RANGES)
+        for name, options in self.cache_options.items():
+            check("cache" if name == DEFAULT_CACHE and not self.caches else f"caches.{name}", options, CACHE_RANGES)
+        check("heldout", self.heldout, CACHE_RANGES)
+        check("classifier_teacher", self.classifier_teacher, TEACHER_RANGES)
+        ev = self.eval
+        check("eval", {"test_fraction": ev.test_fraction, "img_size": ev.img_size, "workers": ev.workers,
+                       "memory_mb": ev.memory_mb}, IMAGE_RANGES)
+        for name in self.eval.options:
+            task, opts = self.eval.task_of(name)
+            check(f"eval.options.{name}", opts, task_ranges(task))
 
     def _check_teacher(self) -> None:
         """Known keys only; no checkpoint (nor MAE pre-training) only with an explicit ``random_init: true``."""
