@@ -31,10 +31,25 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except HgkdError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(2)
         except Resumable as stop:
             print(f"stopped: {stop}", file=sys.stderr)
             sys.exit(RESUMABLE_EXIT)
 
     return wrapper
+
+
+def one_line(err: HgkdError) -> str:
+    """The error's own message, also when a DataLoader worker raised it: torch re-raises it in the
+    main process as ``Caught <Type> in DataLoader worker process N.\nOriginal Traceback ...``,
+    whose last line is ``<module>.<Type>: <message>``."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    for cls in type(err).__mro__:
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        if last.startswith(prefix):
+            return last[len(prefix):]
+    return last.split(": ", 1)[-1]
