@@ -1,11 +1,14 @@
 """Device choice for every stage: ``--device auto|cpu|cuda|cuda:N`` -> ``torch.device``."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from .errors import HgkdError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto", *, per_rank: bool = False) -> torch.device:
@@ -35,5 +38,17 @@ def join_process_group(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    warn_shared_store_restarts()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True
+
+
+def warn_shared_store_restarts() -> None:
+    """One warning (rank 0) when torchrun may restart the ranks (``--max-restarts`` > 0) while they
+    share its rendezvous store: a restarted rank can then read the previous attempt's addresses
+    and fail to connect (pytorch/pytorch#135712)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if restarts > 0 and shared and os.environ.get("RANK", "0") == "0":
+        log.warning("torchrun --max-restarts %d with its shared rendezvous store: a restart can fail to connect "
+                    "(pytorch#135712); run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", restarts)
