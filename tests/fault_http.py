@@ -5,7 +5,9 @@ requests gets a fault instead of its answer, the kinds taken in turn so every ki
 ``reset`` (connection closed with RST, no answer), ``http_503`` / ``http_429`` (slow down),
 ``stall`` (no answer for ``stall_s``, longer than the client's timeout, then closed) and
 ``truncated`` (headers with the full Content-Length, half the body, then closed).
-``server.faults`` counts injected faults by kind (for ``benchmarks/results/faults.json``);
+``server.faults`` counts injected faults by kind and ``server.bodies`` logs every body sent
+(for ``benchmarks/results/faults.json``: a truncated body never followed by a complete one of the
+same file covering the same bytes may have been used unchecked, :func:`unrepaired_truncations`);
 ``server.kill_after(n, ".tar")`` makes every request after the n-th ranged GET of a matching
 path a reset (a server that died mid-run); ``server.forbidden`` paths answer 403.
 """
@@ -37,6 +39,7 @@ class FaultServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.faults: Counter = Counter()  # injected faults by kind
         self.requests = 0
+        self.bodies: list[tuple[str, tuple[int, int], int, bool]] = []  # (path, (first, last byte), sent, complete)
         self.forbidden: set[str] = set()  # URL paths answered with 403
         self.dead = False
         self._kill: tuple[int, str] | None = None  # (ranged GETs left, path part)
@@ -92,14 +95,24 @@ class FaultHandler(RangeHandler):
             return None
         f = super().send_head()
         self._truncate = fault == "truncated" and self._left is not None
+        self._span = (f.tell(), f.tell() + self._left - 1) if f is not None and self._left is not None else (0, -1)
         return f
 
     def copyfile(self, source, outputfile) -> None:
+        path = self.path.split("?")[0]
         if not self._truncate:
-            return super().copyfile(source, outputfile)
-        outputfile.write(source.read(max(0, self._left // 2)))
+            super().copyfile(source, outputfile)
+            self._log(path, self._left or 0, True)
+            return
+        sent = max(0, self._left // 2)
+        outputfile.write(source.read(sent))
         outputfile.flush()
+        self._log(path, sent, False)
         self._reset()
+
+    def _log(self, path: str, sent: int, complete: bool) -> None:
+        with self.server.lock:
+            self.server.bodies.append((path, self._span, sent, complete))
 
     def _reset(self) -> None:
         """Close the connection with RST (SO_LINGER 0), as a dropped connection looks."""
@@ -129,3 +142,17 @@ def faults_by_kind(server: FaultServer) -> dict[str, int]:
     """Faults injected per kind (what ``benchmarks/results/faults.json`` reports)."""
     with server.lock:
         return dict(server.faults)
+
+
+def unrepaired_truncations(server: FaultServer) -> tuple[int, int]:
+    """(truncated bodies, their bytes) that no later complete body of the same file covering the
+    same bytes followed: bytes a client could only have used without its check (0 when every short
+    read was read again in full)."""
+    with server.lock:
+        bodies = list(server.bodies)
+    count = sent_bytes = 0
+    for i, (path, (first, last), sent, complete) in enumerate(bodies):
+        if not complete and not any(p == path and ok and a <= first and last <= b
+                                    for p, (a, b), _, ok in bodies[i + 1:]):
+            count, sent_bytes = count + 1, sent_bytes + sent
+    return count, sent_bytes

@@ -15,9 +15,14 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 RESULTS = sorted((BENCH / "results").glob("*.json"))
 
 
+WRITERS = {"faults": "reliability.py"}  # results named for what they hold, not for their script
+
+
 def writer_of(result: Path) -> Path:
-    """``gpu_run<N>.json``: ``device_check.sh``; ``<name>.json``: ``<name>.py``."""
-    return BENCH / ("device_check.sh" if re.fullmatch(r"gpu_run\d+", result.stem) else f"{result.stem}.py")
+    """``gpu_run<N>.json``: ``device_check.sh``; ``faults.json``: ``reliability.py``; ``<name>.json``: ``<name>.py``."""
+    if re.fullmatch(r"gpu_run\d+", result.stem):
+        return BENCH / "device_check.sh"
+    return BENCH / WRITERS.get(result.stem, f"{result.stem}.py")
 
 
 def string_literals(script: Path) -> set[str]:

@@ -20,7 +20,7 @@ from hgkd.distill.cli import main as distill_cli
 from hgkd.errors import HgkdError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fault_http import KINDS, faults_by_kind, serve_faults  # noqa: E402
+from fault_http import KINDS, faults_by_kind, serve_faults, unrepaired_truncations  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,9 @@ def test_distill_through_faults_equals_the_clean_local_run(photo_tars, f32_cache
     with serve_faults(str(www), rate=0.08, seed=1) as server:
         result = distill(f"{server.url}/f32.zarr", f"{server.url}/tars/{Path(photo_tars).name}", tmp_path / "remote")
         injected = faults_by_kind(server)
+        unrepaired = unrepaired_truncations(server)
     assert result.exit_code == 0, result.output
+    assert unrepaired == (0, 0), "every truncated body was read again in full"
     retries = sum(remote.retry_counts().values()) - before
     assert sum(injected.values()) >= len(KINDS) and set(injected) == set(KINDS), injected
     # not one retry per fault: aiohttp re-sends once on a dropped keep-alive connection, and fsspec's
