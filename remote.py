@@ -176,6 +176,18 @@ def _unreachable(url: str, tries: int, started: float, kind: str, err: BaseExcep
         f"${ENV_RETRIES}/${ENV_RETRY_SECONDS})")
 
 
+def _backoff_or_raise(rules: RetryPolicy, retry: int, started: float, url: str, err: Exception) -> float | None:
+    """The wait before the next try of a transient fault (counted), None when ``err`` is not
+    transient (the caller re-raises it); past the policy's bound, :class:`RemoteUnreachable`."""
+    kind = transient_kind(err)
+    if kind is None:
+        return None
+    if not rules.allows(retry, started):
+        raise _unreachable(url, retry + 1, started, kind, err) from None
+    count_retry(kind)
+    return rules.backoff(retry)
+
+
 async def retry_async(attempt: Callable[[], Awaitable[T]], url: str) -> T:
     """``await attempt()``, retried on transient faults within the policy; each try limited to
     the policy's timeout."""
@@ -186,13 +198,10 @@ async def retry_async(attempt: Callable[[], Awaitable[T]], url: str) -> T:
         except RemoteUnreachable:
             raise
         except Exception as err:
-            kind = transient_kind(err)
-            if kind is None:
+            delay = _backoff_or_raise(rules, retry, started, url, err)
+            if delay is None:
                 raise
-            if not rules.allows(retry, started):
-                raise _unreachable(url, retry + 1, started, kind, err) from None
-            count_retry(kind)
-            await asyncio.sleep(rules.backoff(retry))
+            await asyncio.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -206,13 +215,10 @@ def retry_sync(attempt: Callable[[], T], url: str) -> T:
         except RemoteUnreachable:
             raise
         except Exception as err:
-            kind = transient_kind(err)
-            if kind is None:
+            delay = _backoff_or_raise(rules, retry, started, url, err)
+            if delay is None:
                 raise
-            if not rules.allows(retry, started):
-                raise _unreachable(url, retry + 1, started, kind, err) from None
-            count_retry(kind)
-            time.sleep(rules.backoff(retry))
+            time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # the loopback fault server lives with the tests
+sys.path.insert(0, str(HERE.parent / "tests"))  # the loopback fault server and rank finder live with the tests
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -50,6 +50,7 @@ import webdataset as wds  # noqa: E402
 import zarr  # noqa: E402
 
 from fault_http import KINDS, faults_by_kind, serve_faults, unrepaired_truncations  # noqa: E402
+from processes import rank_pid  # noqa: E402
 from hgkd.data.demo_data import SKIMAGE_IMAGES, _jpeg, _load  # noqa: E402
 
 RESUMABLE_EXIT = 75
@@ -204,29 +205,6 @@ def torchrun_cmd(cache: str, tars: str, out: Path, port: int) -> list[str]:
                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "-m", "hgkd.distill.cli", "run",
                   "--cache", cache, "--data", tars, "--out", str(out), *STUDENT, "--epochs", "3",
                   "--checkpoint-every", "1", "--resume", "auto")
-
-
-def rank_pid(parent: int, rank: int) -> int | None:
-    """The process below ``parent`` whose environment says RANK=``rank`` (from /proc)."""
-    parent_of: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent_of[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    below, frontier = [], [parent]
-    while frontier:
-        frontier = [p for p, up in parent_of.items() if up in frontier]
-        below += frontier
-    for pid in below:
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and f"LOCAL_RANK={rank}".encode() in env:
-            return pid
-    return None
 
 
 def torchrun_kill_rank(work: Path, tars: str, cache: str, port: int = 29561) -> dict[str, Any]:

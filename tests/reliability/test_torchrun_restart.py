@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from processes import rank_pid
+
 TINY = ["--student", "resnet18", "--sparse-backend", "masked", "--batch-size", "4", "--epochs", "3",
         "--warmup-epochs", "0", "--queue-size", "16", "--decoder-width", "32", "--workers", "0",
         "--checkpoint-every", "1", "--resume", "auto"]
@@ -30,33 +32,6 @@ def metric_rows(run: Path) -> int:
             return sum(1 for _ in csv.DictReader(f))
     except (FileNotFoundError, StopIteration):
         return 0
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (read from /proc: no psutil here)."""
-    parent_of = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent_of[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        frontier = [p for p, parent in parent_of.items() if parent in frontier]
-        found += frontier
-    return found
-
-
-def rank_pid(torchrun_pid: int, rank: int) -> int | None:
-    for pid in descendants(torchrun_pid):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
-            return pid
-    return None
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
