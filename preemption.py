@@ -51,5 +51,5 @@ def stop_signals() -> Iterator[StopSignals]:
     try:
         yield stop
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in previous.items():  # None: a handler set outside Python, not restorable
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

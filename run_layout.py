@@ -16,6 +16,8 @@ import hashlib
 import logging
 from pathlib import Path
 
+from .errors import HgkdError
+
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 PREV = "prev.pt"  # the checkpoint before last.pt, kept until a new last.pt is complete and verified
@@ -100,3 +102,22 @@ def last_checkpoint(run_dir: str | Path) -> Path:
         log.warning("%s is damaged (differs from its checksum %s); reading %s instead", damaged[0],
                     checksum_path(damaged[0]).name, found)
     return found
+
+
+
+def refuse_damaged(checkpoint: Path, label: str = "") -> None:
+    """One line (``label`` first) when ``checkpoint`` differs from its checksum, naming the
+    previous one: a use of the trained model never takes an older one in its place."""
+    if checkpoint_state(checkpoint) != DAMAGED:
+        return
+    previous = checkpoint.with_name(PREV)
+    hint = f"; {previous} is the one before it" if previous.is_file() else ""
+    raise HgkdError(f"{label}{checkpoint} differs from its checksum {checksum_path(checkpoint).name} (damaged){hint}")
+
+
+def final_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint an export or a use of the trained model reads: ``RUN/checkpoints/last.pt``,
+    refused when damaged (a resume falls back to ``prev.pt``, :func:`last_checkpoint`; an export must not)."""
+    last = Path(run_dir) / RUN_CHECKPOINT
+    refuse_damaged(last)
+    return last

@@ -10,11 +10,12 @@ complete checkpoint intact under its own name. :func:`resume_checkpoint` takes t
 intact one, with one warning line naming a damaged one it passed over. Loaded with
 ``weights_only=True``.
 
-:class:`RunLock`: one process trains in a run directory at a time (``flock`` on
-``RUN/.lock``, dropped by the kernel when the process dies).
+:class:`RunLock`: one process trains in a run directory at a time (a POSIX lock on
+``RUN/.lock``, not inherited by forked workers, dropped by the kernel when the process dies).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -153,9 +154,11 @@ def resume_checkpoint(run_dir: Path, warn: bool = True) -> tuple[Path, dict[str,
 
 # ---- one trainer per run directory -------------------------------------------------------
 class RunLock:
-    """An exclusive, non-blocking ``flock`` on ``RUN/.lock`` for as long as a process trains in
-    RUN (issue 21): a second ``hgkd-distill run`` on the same directory stops with one line
-    instead of racing on its checkpoints. The kernel drops it when the process dies."""
+    """An exclusive, non-blocking POSIX lock (``lockf``) on ``RUN/.lock`` for as long as a process
+    trains in RUN (issue 21): a second ``hgkd-distill run`` on the same directory stops with one
+    line instead of racing on its checkpoints. A POSIX lock belongs to the process: forked loader
+    workers do not inherit it (a ``flock`` they would, keeping it after a killed trainer and
+    refusing its restart), and the kernel drops it when the process dies."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
@@ -170,20 +173,28 @@ class RunLock:
         """Take the lock, or raise a one-line error naming the process that holds it."""
         if self._fd is not None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise HgkdError(f"{self.run_dir} is being trained by process {holder}; wait for it or use another "
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise HgkdError(f"{self.path}: cannot create the run's lock file ({err.strerror}); use a writable "
                             f"--out") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            held = err.errno in (errno.EACCES, errno.EAGAIN)
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown" if held else ""
+            os.close(fd)
+            if held:
+                raise HgkdError(f"{self.run_dir} is being trained by process {holder}; wait for it or use another "
+                                f"--out") from None
+            raise HgkdError(f"{self.path}: cannot lock the run directory ({err.strerror}); use a file system with "
+                            f"working POSIX locks (Lustre: mount with flock) or another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import HgkdError
 from ..pixels import normalize_uint8, pixel_stats
-from ..run_layout import last_checkpoint
+from ..run_layout import final_checkpoint
 from ..extract.teachers import TEACHERS, create_teacher
 from .methods.base import NetDims
 from .outputs import NetOutputs
@@ -161,7 +161,7 @@ def load_run_classifier(run_dir: Path, img_size: int) -> ClassifierNet:
     from .checkpoint import load_checkpoint
     from .config import DistillConfig
 
-    ckpt = load_checkpoint(last_checkpoint(run_dir))
+    ckpt = load_checkpoint(final_checkpoint(run_dir))
     cfg = DistillConfig.from_dict(ckpt["config"], source=str(run_dir))
     if "head.weight" not in ckpt["model"]:
         raise HgkdError(f"{run_dir}: not a supervised-baseline run (no classifier head)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import HgkdError
-from ..run_layout import ENCODER_PREFIX, last_checkpoint
+from ..run_layout import ENCODER_PREFIX, final_checkpoint
 from .checkpoint import load_checkpoint
 from .config import DistillConfig
 from .students import create_encoder
@@ -17,7 +17,7 @@ from .students.export import save_safetensors
 
 def export_run(run_dir: Path, out: Path) -> str:
     """Write ``out`` (safetensors) from ``run_dir``'s last checkpoint; returns the timm arch name."""
-    ckpt = load_checkpoint(last_checkpoint(run_dir))
+    ckpt = load_checkpoint(final_checkpoint(run_dir))
     cfg = DistillConfig.from_dict(ckpt["config"], source=str(run_dir))
     encoder = create_encoder(cfg.student, backend="masked")  # backend does not change the weights
     state = {k[len(ENCODER_PREFIX):]: v for k, v in ckpt["model"].items() if k.startswith(ENCODER_PREFIX)}

@@ -13,7 +13,7 @@ from ..errors import HgkdError
 from ..pixels import normalize_uint8, pixel_stats
 from ..storage.cache import FeatureCache
 from ..storage.metadata import teacher_identity
-from ..run_layout import last_checkpoint
+from ..run_layout import final_checkpoint
 from .checkpoint import load_checkpoint
 from .config import DistillConfig
 from .data import CacheViewDataset
@@ -42,7 +42,7 @@ def check_same_teacher(run_dir: Path, ckpt: dict, cfg: DistillConfig, cache: Fea
 def fidelity(run_dir: Path, cache_url: str, data: list[str], batch_size: int = 64,
              max_views: int | None = None) -> dict[str, float]:
     """Mean token cosine and relative MSE (sum (s-t)^2 / sum t^2) of the run's student."""
-    ckpt = load_checkpoint(last_checkpoint(run_dir))
+    ckpt = load_checkpoint(final_checkpoint(run_dir))
     cfg = DistillConfig.from_dict(ckpt["config"], source=str(run_dir))
     check_same_teacher(run_dir, ckpt, cfg, FeatureCache.open(cache_url), cache_url)
     dataset = CacheViewDataset(cache_url, data)

@@ -139,6 +139,7 @@ class Trainer:
                                 f"--resume) or use a new --out")
             return None
         found = resume_checkpoint(self.run_dir, warn=self.dist.main)
+        self._agree_on_checkpoint(found)
         if found is None:
             if self.resume_mode == "always":
                 raise HgkdError(f"{self.run_dir}: no checkpoint there; start without --resume (or with --resume "
@@ -146,6 +147,19 @@ class Trainer:
             return None
         self.last_saved = (found[0], found[1].get("global_step", 0))
         return found[1]
+
+    def _agree_on_checkpoint(self, found: tuple[Path, dict[str, Any]] | None) -> None:
+        """Every rank resumes from the same checkpoint and step, or the run stops with one line
+        (one node's read error must not make it continue from prev.pt while the others take last.pt)."""
+        if self.dist.world_size <= 1:
+            return
+        mine = None if found is None else (found[0].name, found[1].get("global_step"))
+        every: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(every, mine)
+        if any(choice != every[0] for choice in every):
+            seen = ", ".join(f"rank {r}: {c[0]} step {c[1]}" if c else f"rank {r}: none" for r, c in enumerate(every))
+            raise HgkdError(f"{self.run_dir}: the ranks read different checkpoints ({seen}); every rank must see "
+                            f"the same files - check the file system of --out on each node, then run again")
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -366,6 +380,8 @@ class Trainer:
 
     def _stop(self, signal_name: str) -> None:
         """Raise ``Resumable``: the checkpoint is written, the line says how to continue."""
+        if self.dist.world_size > 1:  # no rank exits before rank 0 has written the checkpoint: torchrun
+            dist.barrier()  # would otherwise kill rank 0 mid-write when the others exit 75
         how = "run the same command again" if self.resume_mode != "never" else \
             "run the same command with --resume auto"
         raise Resumable(f"{self.run_dir}: {signal_name} at epoch {self.epoch} step {self.global_step}; checkpoint "

@@ -250,6 +250,8 @@ class Trainer:
                     self._save(time.perf_counter() - begin)
                 if signal_name:
                     bar.close()
+                    if self.world > 1:  # no rank exits before rank 0 has written the checkpoint
+                        dist.barrier()
                     again = "again" if self.resumed else "with --resume"
                     raise Resumable(f"{self.ckpt.path}: {signal_name} at iteration {self.iteration} of {self.total}; "
                                     f"resumable: run the same command {again}")

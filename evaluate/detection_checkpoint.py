@@ -54,19 +54,25 @@ class CheckpointFile:
         return state
 
     def save(self, state: dict[str, Any]) -> None:
-        """Write ``state`` next to the file and rename it into place (a crash leaves the old one)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``state`` next to the file and rename it into place (a crash leaves the old one);
+        a full disk or an unwritable folder is one line, the previous checkpoint left as it was."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash never leaves a torn file in place
-        os.replace(tmp, self.path)
-        folder = os.open(self.path.parent, os.O_RDONLY)
         try:
-            os.fsync(folder)  # the rename itself
-        finally:
-            os.close(folder)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename: a crash never leaves a torn file in place
+            os.replace(tmp, self.path)
+            folder = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # the rename itself
+            finally:
+                os.close(folder)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise HgkdError(f"{self.path}: cannot write the checkpoint ({err.strerror or err}); free space or "
+                            f"choose --checkpoint-dir") from None
 
 
 def default_dir(out: str | None) -> str | None:

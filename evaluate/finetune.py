@@ -135,8 +135,6 @@ def finetune(model: nn.Module, train: LabelledSet, test: LabelledSet, epochs: in
             loss, train_top1 = at.loss, 100.0 * at.correct / max(at.seen, 1)
             log.info("finetune epoch %d/%d: loss %.4f, train top-1 %.1f%%", at.epoch + 1, epochs, loss, train_top1)
             at = Position(epoch=at.epoch + 1)
-    if ckpt is not None and rank == 0:
-        ckpt.path.unlink(missing_ok=True)  # consumed: the record below is the run's result
     if not math.isfinite(loss):
         raise HgkdError(f"fine-tuning diverged (loss {loss}); lower --lr")
     result = [None]
@@ -151,6 +149,8 @@ def finetune(model: nn.Module, train: LabelledSet, test: LabelledSet, epochs: in
                    "labels_per_class": labels_per_class, "n_labelled": len(train),
                    "weights_sha256": _fingerprint(net),  # bit-equal runs (a resumed one too) have equal weights
                    **({"ranks": world, "sync_batchnorm": device.type == "cuda"} if world > 1 else {})}]
+        if ckpt is not None:  # consumed once the result exists: a stop while testing still resumes from it
+            ckpt.path.unlink(missing_ok=True)
     if world > 1:
         dist.broadcast_object_list(result, src=0)
     return {**result[0], "seconds": time.perf_counter() - start}
@@ -192,6 +192,8 @@ def _save_and_stop(ckpt: CheckpointFile, signal_name: str, at: Position, total_s
     if rank == 0:
         ckpt.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                    "position": asdict(at), "generator": epoch_start, "rng": rngs, "config": config})
+    if world > 1:  # no rank exits before the checkpoint is written: torchrun would kill rank 0 mid-write
+        dist.barrier()
     again = "again" if resumed else "with --resume"
     raise Resumable(f"{ckpt.path}: {signal_name} at step {at.epoch * steps_per_epoch + at.step} of {total_steps} "
                     f"(epoch {at.epoch + 1}); resumable: run the same command {again}")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..devices import resolve_device
 from ..errors import HgkdError
-from ..run_layout import BACKBONE_PREFIX, DAMAGED, PREV, RUN_CHECKPOINT, checkpoint_state
+from ..run_layout import BACKBONE_PREFIX, RUN_CHECKPOINT, refuse_damaged
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,7 @@ def load_student(path: str, arch: str | None = None, seed: int = 0) -> nn.Module
     elif not file.is_file():
         raise HgkdError(f"--model {spec}: no such file or directory (give a .safetensors, a run directory "
                         "or scratch:<arch>)")
-    if checkpoint_state(file) == DAMAGED:  # a run's checkpoint with a sha256 sidecar that disagrees (issue 21)
-        previous = file.with_name(PREV)
-        hint = f"; {previous} is the one before it - pass it as --model to evaluate that" if previous.is_file() else ""
-        raise HgkdError(f"--model {spec}: {file} differs from its checksum {file.name}.sha256 (damaged){hint}")
+    refuse_damaged(file, f"--model {spec}: ")  # a run's checkpoint whose sha256 sidecar disagrees (issue 21)
     if file.suffix == ".safetensors":
         state, recorded = _read_safetensors(file)
     else:

@@ -47,3 +47,48 @@ def test_evaluating_a_run_whose_last_checkpoint_is_damaged_is_one_line_naming_pr
     with pytest.raises(HgkdError, match=r"last\.pt differs from its checksum last\.pt\.sha256 \(damaged\); "
                                         r".*prev\.pt is the one before it"):
         load_student(str(tmp_path))
+
+
+def test_the_run_lock_dies_with_its_trainer_not_with_its_forked_workers(tmp_path):
+    """A killed trainer's loader workers (forked, still alive) must not keep its run locked: torchrun's
+    restart of that rank would be refused."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hgkd.distill.checkpoint import RunLock
+
+    script = (f"import os, time\nfrom hgkd.distill.checkpoint import RunLock\nRunLock({str(tmp_path)!r}).acquire()\n"
+              "if os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\nprint('locked', flush=True)\ntime.sleep(60)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        assert trainer.stdout.readline().strip() == "locked"
+        with pytest.raises(HgkdError, match=f"is being trained by process {trainer.pid} on "):
+            RunLock(tmp_path).acquire()
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+        time.sleep(0.2)
+        lock = RunLock(tmp_path)
+        lock.acquire()  # the forked child still lives, and the lock is free
+        assert lock.held
+        lock.release()
+    finally:
+        os.killpg(trainer.pid, signal.SIGKILL)
+
+
+def test_export_of_a_run_whose_last_checkpoint_is_damaged_is_refused_not_taken_from_prev(tmp_path):
+    from hgkd.distill.export_run import export_run
+
+    for step in (1, 2):
+        save_checkpoint(tmp_path, {"global_step": step, "model": {}})
+    last = tmp_path / "checkpoints" / "last.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 1
+    last.write_bytes(bytes(data))
+    with pytest.raises(HgkdError, match=r"last\.pt differs from its checksum last\.pt\.sha256 \(damaged\); "
+                                        r".*prev\.pt is the one before it"):
+        export_run(tmp_path, tmp_path / "student.safetensors")
+    assert not (tmp_path / "student.safetensors").exists()
