@@ -6,7 +6,8 @@ runs each fault scenario as real processes and compares its final weights (or ca
 with the clean run, bit for bit:
 
 * ``http_faults``: a 2-epoch ``hgkd-distill run`` reading tars and cache from a loopback HTTP
-  server that resets, answers 503/429, stalls past the client timeout or truncates a share of
+  server that resets, answers 503/429, stalls past the client timeout, truncates bodies, answers
+  a valid 206 for half the range asked, or flips a bit of a cache shard's bytes, for a share of
   requests (``tests/fault_http.py``; one run per seed);
 * ``sigterm_distill`` / ``sigusr1_distill``: the signal mid-epoch, then the same command again;
 * ``sigterm_extract``: ``hgkd-extract run`` stopped mid-shard, then the same command again;
@@ -19,9 +20,10 @@ with the clean run, bit for bit:
   loss non-finite; the run stops with one line and the checkpoint untouched, or (skip) completes
   with the steps counted and the weights of the good epoch. Judged as specified, not "equal".
 
-"Bytes trained on that failed a check" is measured on the server side: every truncated body
-must be followed by a complete body of the same file covering the same bytes (the client read it again);
-the bytes of those never read again are counted (conservatively) as possibly used unchecked.
+"Bytes trained on that failed a check" is measured on the server side: every faulty body
+(truncated, short or flipped) must be followed by a correct, complete body of the same file
+covering the same bytes (the client read it again); the bytes of those never read again are
+counted as possibly used unchecked.
 Writes ``benchmarks/results/faults.json`` with ``goals``.
 """
 from __future__ import annotations
@@ -158,13 +160,13 @@ def http_faults(work: Path, tars: str, cache: str, seed: int, reference: Path) -
                                  "--epochs", "2"))
         injected, requests = faults_by_kind(server), server.requests
         unrepaired, unrepaired_bytes = unrepaired_truncations(server)
-        truncated = sum(1 for *_, complete in server.bodies if not complete)
+        faulty = sum(1 for *_, complete in server.bodies if not complete)
     rows = metric_rows(out)
     completed = result.returncode == 0
     return {"seed": seed, "requests": requests, "faults_injected": injected, "completed": completed,
             "equal_to_clean": completed and same_weights(reference, out),
             "client_retries": int(float(rows[-1]["remote_retries"])) if rows else None,
-            "truncated_bodies": truncated, "truncated_bodies_not_read_again": unrepaired,
+            "faulty_bodies": faulty, "faulty_bodies_not_read_again": unrepaired,
             "bytes_trained_that_failed_a_check": unrepaired_bytes, "seconds": round(time.time() - started, 1),
             "stderr_tail": [] if completed else result.stderr.strip().splitlines()[-3:]}
 
@@ -333,8 +335,9 @@ def measure(work: Path, seeds: int) -> dict[str, Any]:
                                                         "the clean run of the same recipe"},
             "bytes_trained_that_failed_a_check": {"value": unchecked, "goal": 0, "met": unchecked == 0,
                                                   "better": "lower",
-                                                  "measure": "bytes of truncated bodies the client never read again "
-                                                             "in full (server log; conservative)"},
+                                                  "measure": "bytes of faulty bodies (truncated, short, one bit "
+                                                             "flipped) the client never read again correctly (server "
+                                                             "log)"},
             "nonfinite_as_specified_fraction": {"value": as_specified / len(nonfinite_runs), "goal": 1.0,
                                                 "met": as_specified == len(nonfinite_runs),
                                                 "measure": "stop: exit 2, one line naming step 4, checkpoint "

@@ -3,8 +3,11 @@
 Built on ``range_http.RangeHandler`` (Range requests, ETag): a seeded share ``rate`` of
 requests gets a fault instead of its answer, the kinds taken in turn so every kind occurs:
 ``reset`` (connection closed with RST, no answer), ``http_503`` / ``http_429`` (slow down),
-``stall`` (no answer for ``stall_s``, longer than the client's timeout, then closed) and
-``truncated`` (headers with the full Content-Length, half the body, then closed).
+``stall`` (no answer for ``stall_s``, longer than the client's timeout, then closed),
+``truncated`` (headers with the full Content-Length, half the body, then closed: the HTTP client
+itself rejects it), ``short`` (a valid 206 answer for the first half of the range asked: only
+hgkd's length checks catch it) and ``corrupt`` (a cache shard's bytes with one bit flipped:
+only its crc32c catches it; ranged GETs of ``.zarr`` shard files only).
 ``server.faults`` counts injected faults by kind and ``server.bodies`` logs every body sent
 (for ``benchmarks/results/faults.json``: a truncated body never followed by a complete one of the
 same file covering the same bytes may have been used unchecked, :func:`unrepaired_truncations`);
@@ -14,6 +17,7 @@ path a reset (a server that died mid-run); ``server.forbidden`` paths answer 403
 from __future__ import annotations
 
 import random
+import re
 import socket
 import struct
 import threading
@@ -26,7 +30,8 @@ from typing import Iterator
 
 from range_http import RangeHandler
 
-KINDS = ("reset", "http_503", "http_429", "stall", "truncated")
+KINDS = ("reset", "http_503", "http_429", "stall", "truncated", "short", "corrupt")
+_CLOSED_RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
 
 
 class FaultServer(ThreadingHTTPServer):
@@ -53,8 +58,8 @@ class FaultServer(ThreadingHTTPServer):
         with self.lock:
             self._kill = (ranged_gets, path_part)
 
-    def decide(self, method: str, path: str, ranged: bool) -> str | None:
-        """The fault for this request, or None; counted."""
+    def decide(self, method: str, path: str, ranged: str) -> str | None:
+        """The fault for this request (``ranged``: its Range header), or None; counted."""
         with self.lock:
             self.requests += 1
             if self._kill is not None and ranged and method == "GET" and self._kill[1] in path:
@@ -69,7 +74,9 @@ class FaultServer(ThreadingHTTPServer):
                 return "http_403"
             if not self.rate or self.rng.random() >= self.rate:
                 return None
-            allowed = [k for k in self.kinds if k != "truncated" or method == "GET"]
+            allowed = [k for k in self.kinds if _applies(k, method, path, ranged)]
+            if not allowed:
+                return None
             kind = allowed[sum(self.faults[k] for k in self.kinds) % len(allowed)]
             self.faults[kind] += 1
             return kind
@@ -80,8 +87,8 @@ class FaultServer(ThreadingHTTPServer):
 
 class FaultHandler(RangeHandler):
     def send_head(self):
-        self._truncate = False
-        fault = self.server.decide(self.command, self.path.split("?")[0], "Range" in self.headers)
+        self._truncate = self._corrupt = False
+        fault = self.server.decide(self.command, self.path.split("?")[0], self.headers.get("Range", ""))
         if fault in ("reset", "stall"):
             if fault == "stall":
                 time.sleep(self.server.stall_s)
@@ -93,16 +100,32 @@ class FaultHandler(RangeHandler):
             self.send_header("Retry-After", "0")
             self.end_headers()
             return None
+        asked = None
+        if fault == "short":  # answer a valid 206 for the first half of the range asked
+            first, last = map(int, _CLOSED_RANGE.match(self.headers["Range"]).groups())
+            asked = (first, last)
+            del self.headers["Range"]
+            self.headers["Range"] = f"bytes={first}-{first + (last - first + 1) // 2 - 1}"
         f = super().send_head()
         self._truncate = fault == "truncated" and self._left is not None
+        self._corrupt = fault == "corrupt" and self._left is not None
         self._span = (f.tell(), f.tell() + self._left - 1) if f is not None and self._left is not None else (0, -1)
+        self._whole = asked is None  # a short answer is logged as an incomplete body of the range asked
+        if asked is not None:
+            self._span = asked
         return f
 
     def copyfile(self, source, outputfile) -> None:
         path = self.path.split("?")[0]
+        if self._corrupt:
+            body = bytearray(source.read(self._left))
+            body[len(body) // 2] ^= 0x10
+            outputfile.write(bytes(body))
+            self._log(path, len(body), False)
+            return
         if not self._truncate:
             super().copyfile(source, outputfile)
-            self._log(path, self._left or 0, True)
+            self._log(path, self._left or 0, self._whole)
             return
         sent = max(0, self._left // 2)
         outputfile.write(source.read(sent))
@@ -122,6 +145,18 @@ class FaultHandler(RangeHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _applies(kind: str, method: str, path: str, ranged: str) -> bool:
+    """Whether fault ``kind`` can answer this request (a body to cut, a range to shorten, a shard to flip)."""
+    if kind == "truncated":
+        return method == "GET"
+    if kind == "short":
+        match = _CLOSED_RANGE.match(ranged)
+        return method == "GET" and match is not None and int(match.group(2)) > int(match.group(1))
+    if kind == "corrupt":
+        return method == "GET" and bool(ranged) and ".zarr/" in path and not path.endswith("zarr.json")
+    return True
 
 
 @contextmanager
@@ -145,9 +180,9 @@ def faults_by_kind(server: FaultServer) -> dict[str, int]:
 
 
 def unrepaired_truncations(server: FaultServer) -> tuple[int, int]:
-    """(truncated bodies, their bytes) that no later complete body of the same file covering the
-    same bytes followed: bytes a client could only have used without its check (0 when every short
-    read was read again in full)."""
+    """(faulty bodies - truncated, short or corrupted - and their bytes) that no later correct,
+    complete body of the same file covering the same bytes followed: bytes a client could only
+    have used without its check (0 when every one was read again)."""
     with server.lock:
         bodies = list(server.bodies)
     count = sent_bytes = 0

@@ -71,7 +71,9 @@ def test_distill_through_faults_equals_the_clean_local_run(photo_tars, f32_cache
     assert sum(injected.values()) >= len(KINDS) and set(injected) == set(KINDS), injected
     # not one retry per fault: aiohttp re-sends once on a dropped keep-alive connection, and fsspec's
     # info() falls back from HEAD to GET by itself
-    assert retries > 0 and {"http_503", "http_429", "timeout"} <= set(remote.retry_counts()), remote.retry_counts()
+    # short answers and flipped shard bytes pass HTTP: only hgkd's length and crc32c checks catch them
+    assert retries > 0 and {"http_503", "http_429", "timeout", "short_read", "crc"} <= set(remote.retry_counts()), \
+        remote.retry_counts()
     want = torch.load(tmp_path / "local" / "checkpoints" / "last.pt", weights_only=True)["model"]
     got = torch.load(tmp_path / "remote" / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert want.keys() == got.keys()
