@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from processes import rank_pid
@@ -38,14 +39,24 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
-def test_torchrun_restart_after_a_killed_rank_equals_the_uninterrupted_run(f32_cache, photo_tars, tmp_path):
-    # the README's recipe: without it a restarted rank can read the killed attempt's addresses from the
-    # shared rendezvous store and fail to connect (pytorch#135712; seen here, about one restart in three)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    reference = subprocess.run(torchrun(f32_cache, photo_tars, tmp_path / "ref", 29541), capture_output=True,
-                               text=True, timeout=300, env=env)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+# the README's recipe: without it a restarted rank can read the killed attempt's addresses from the
+# shared rendezvous store and fail to connect (pytorch#135712; seen here, about one restart in three)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
+
+@pytest.fixture(scope="module")
+def reference(f32_cache, photo_tars, tmp_path_factory) -> Path:
+    """The uninterrupted two-rank run."""
+    out = tmp_path_factory.mktemp("torchrun") / "ref"
+    done = subprocess.run(torchrun(f32_cache, photo_tars, out, 29541), capture_output=True, text=True, timeout=300,
+                          env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_torchrun_restart_after_a_killed_rank_equals_the_uninterrupted_run(f32_cache, photo_tars, tmp_path,
+                                                                          reference):
+    env = ENV
     run = tmp_path / "run"
     proc = subprocess.Popen(torchrun(f32_cache, photo_tars, run, 29543), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -60,8 +71,33 @@ def test_torchrun_restart_after_a_killed_rank_equals_the_uninterrupted_run(f32_c
     assert proc.returncode == 0, err[-3000:]
     assert killed_at < 9, "the kill must land before the last step"
     assert err.count("sparse backend:") == 2, err[-3000:]  # rank 0 started twice: torchrun restarted the ranks
-    want, got = weights(tmp_path / "ref"), weights(run)
+    want, got = weights(reference), weights(run)
     assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint_and_the_same_command_continues(
+        f32_cache, photo_tars, tmp_path, reference):
+    """A preempted DDP job: torchrun passes SIGTERM to the ranks; they stop at one step, rank 0
+    writes its checkpoint while the others wait, and the same command again equals the uninterrupted run."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun(f32_cache, photo_tars, run, 29545), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 240
+    while time.time() < deadline and metric_rows(run) < 4 and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "torchrun must be running after 4 of 9 steps"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count("stopped: ") == 2 and "resumable: run the same command again" in err, err[-3000:]  # both ranks
+    stopped_at = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["global_step"]
+    assert stopped_at == metric_rows(run) and 4 <= stopped_at < 9, "the checkpoint is the step the ranks stopped at"
+    again = subprocess.run(torchrun(f32_cache, photo_tars, run, 29547), capture_output=True, text=True, timeout=300,
+                           env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    want, got = weights(reference), weights(run)
     for name in want:
         assert torch.equal(got[name], want[name]), name
 
