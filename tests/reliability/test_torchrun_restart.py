@@ -39,6 +39,20 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
+def started(proc: subprocess.Popen, run: Path, steps: int) -> None:
+    """Wait until ``run`` has logged ``steps`` steps (or the job ended)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and metric_rows(run) < steps and proc.poll() is None:
+        time.sleep(0.02)
+
+
+def assert_same_weights(want_run: Path, got_run: Path) -> None:
+    want, got = weights(want_run), weights(got_run)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
 # the README's recipe: without it a restarted rank can read the killed attempt's addresses from the
 # shared rendezvous store and fail to connect (pytorch#135712; seen here, about one restart in three)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -56,13 +70,10 @@ def reference(f32_cache, photo_tars, tmp_path_factory) -> Path:
 
 def test_torchrun_restart_after_a_killed_rank_equals_the_uninterrupted_run(f32_cache, photo_tars, tmp_path,
                                                                           reference):
-    env = ENV
     run = tmp_path / "run"
     proc = subprocess.Popen(torchrun(f32_cache, photo_tars, run, 29543), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline and metric_rows(run) < 4 and proc.poll() is None:
-        time.sleep(0.02)
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    started(proc, run, steps=4)
     victim = rank_pid(proc.pid, 1)
     assert victim is not None and proc.poll() is None, "rank 1 must be running after 4 of 9 steps"
     os.kill(victim, signal.SIGKILL)
@@ -71,10 +82,7 @@ def test_torchrun_restart_after_a_killed_rank_equals_the_uninterrupted_run(f32_c
     assert proc.returncode == 0, err[-3000:]
     assert killed_at < 9, "the kill must land before the last step"
     assert err.count("sparse backend:") == 2, err[-3000:]  # rank 0 started twice: torchrun restarted the ranks
-    want, got = weights(reference), weights(run)
-    assert want.keys() == got.keys()
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
+    assert_same_weights(reference, run)
 
 
 def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint_and_the_same_command_continues(
@@ -84,9 +92,7 @@ def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint_and_the_same_com
     run = tmp_path / "run"
     proc = subprocess.Popen(torchrun(f32_cache, photo_tars, run, 29545), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 240
-    while time.time() < deadline and metric_rows(run) < 4 and proc.poll() is None:
-        time.sleep(0.02)
+    started(proc, run, steps=4)
     assert proc.poll() is None, "torchrun must be running after 4 of 9 steps"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -97,9 +103,7 @@ def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint_and_the_same_com
     again = subprocess.run(torchrun(f32_cache, photo_tars, run, 29547), capture_output=True, text=True, timeout=300,
                            env=ENV)
     assert again.returncode == 0, again.stderr[-3000:]
-    want, got = weights(reference), weights(run)
-    for name in want:
-        assert torch.equal(got[name], want[name]), name
+    assert_same_weights(reference, run)
 
 
 def test_restarts_over_a_shared_rendezvous_store_are_warned_about_once(monkeypatch, caplog):
