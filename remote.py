@@ -77,9 +77,9 @@ class RetryPolicy:
         """Seconds to wait before retry ``retry`` (0-based)."""
         return min(self.cap, self.base * 2 ** retry) * random.uniform(0.5, 1.0)
 
-    def allows(self, retry: int, started: float) -> bool:
-        """Whether retry ``retry`` (0-based) may still be made, its wait included."""
-        return retry < self.retries and time.monotonic() - started + self.backoff(retry) <= self.seconds
+    def allows(self, retry: int, started: float, wait: float) -> bool:
+        """Whether retry ``retry`` (0-based), made after ``wait`` seconds, is still inside the bound."""
+        return retry < self.retries and time.monotonic() - started + wait <= self.seconds
 
 
 _policy: RetryPolicy | None = None  # set by configure(); None: read the environment each time
@@ -176,16 +176,24 @@ def _unreachable(url: str, tries: int, started: float, kind: str, err: BaseExcep
         f"${ENV_RETRIES}/${ENV_RETRY_SECONDS})")
 
 
+def _next_wait(rules: RetryPolicy, retry: int, started: float, kind: str,
+               give_up: Callable[[], BaseException]) -> float:
+    """Retry ``retry`` of a ``kind`` fault, counted: the seconds to wait before it (one jittered
+    draw, the one the bound is judged on); past the policy's bound, ``give_up()`` is raised."""
+    wait = rules.backoff(retry)
+    if not rules.allows(retry, started, wait):
+        raise give_up() from None
+    count_retry(kind)
+    return wait
+
+
 def _backoff_or_raise(rules: RetryPolicy, retry: int, started: float, url: str, err: Exception) -> float | None:
     """The wait before the next try of a transient fault (counted), None when ``err`` is not
     transient (the caller re-raises it); past the policy's bound, :class:`RemoteUnreachable`."""
     kind = transient_kind(err)
     if kind is None:
         return None
-    if not rules.allows(retry, started):
-        raise _unreachable(url, retry + 1, started, kind, err) from None
-    count_retry(kind)
-    return rules.backoff(retry)
+    return _next_wait(rules, retry, started, kind, lambda: _unreachable(url, retry + 1, started, kind, err))
 
 
 async def retry_async(attempt: Callable[[], Awaitable[T]], url: str) -> T:
@@ -239,10 +247,7 @@ def reread(attempt: Callable[[], T]) -> T:
         try:
             return attempt()
         except Reread as bad:
-            if not rules.allows(retry, started):
-                raise bad.error from None
-            count_retry(bad.kind)
-            time.sleep(rules.backoff(retry))
+            time.sleep(_next_wait(rules, retry, started, bad.kind, lambda: bad.error))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

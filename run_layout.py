@@ -6,8 +6,9 @@ state dict the student encoder sits under ``encoder.`` and its dense timm backbo
 
 Issue 21: each checkpoint has a ``sha256sum``-style sidecar (``last.pt.sha256``), and the one
 before it is kept as ``prev.pt`` (with ``prev.pt.sha256``) until a new ``last.pt`` is complete
-and verified. :func:`last_checkpoint` is the newest intact one. ``RUN/.lock`` is held
-(``flock``) by the process that trains in the run directory.
+and verified. :func:`last_checkpoint` is the newest intact one (what a resume reads);
+:func:`final_checkpoint` is ``last.pt`` or a one-line refusal (what an export reads).
+``RUN/.lock`` is held (a POSIX lock) by the process that trains in the run directory.
 Torch-free, so any room (and a CLI's ``--help``) may import it.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ LAST = "last.pt"
 PREV = "prev.pt"  # the checkpoint before last.pt, kept until a new last.pt is complete and verified
 CHECKPOINT_NAMES = (LAST, PREV)  # newest first
 CHECKSUM_SUFFIX = ".sha256"
-RUN_LOCK = ".lock"  # RUN/.lock: flock'd by the process training in RUN
+RUN_LOCK = ".lock"  # RUN/.lock: locked (lockf) by the process training in RUN
 RUN_CHECKPOINT = Path(CHECKPOINT_DIR) / LAST  # relative to the run directory
 ENCODER_PREFIX = "encoder."  # the student encoder's weights (``hgkd-distill export``)
 BACKBONE_PREFIX = ENCODER_PREFIX + "body."  # its dense timm backbone (``hgkd-evaluate --model RUN``)
@@ -92,7 +93,7 @@ def newest_intact_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[Pat
 
 
 def last_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint a resume, export or evaluation reads: ``RUN/checkpoints/last.pt``, or the
+    """The checkpoint a resume reads (a pipeline's runs): ``RUN/checkpoints/last.pt``, or the
     previous one (with one warning line) when ``last.pt`` is damaged or missing (issue 21).
     Where no intact one exists, ``last.pt``'s path (its reader then says what is wrong)."""
     found, damaged = newest_intact_checkpoint(run_dir)
@@ -102,7 +103,6 @@ def last_checkpoint(run_dir: str | Path) -> Path:
         log.warning("%s is damaged (differs from its checksum %s); reading %s instead", damaged[0],
                     checksum_path(damaged[0]).name, found)
     return found
-
 
 
 def refuse_damaged(checkpoint: Path, label: str = "") -> None:
